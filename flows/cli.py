@@ -1,0 +1,178 @@
+"""The `shardlight` command line: make data, run the pipeline, query the index, run the demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from workers.config import CONFIG_DIR, load_config, with_ray_address  # noqa: E402
+from workers.errors import ShardlightError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Embed, label and index WebDataset image-text shards with Prefect flows on Ray workers.")
+console = Console()
+err_console = Console(stderr=True)
+
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+DEMO_QUERIES = ("a red circle", "a blue square", "a green triangle", "a yellow star")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    """shardlight's own log lines on stderr, formatted like Prefect's (Prefect also ships them to its API)."""
+    logger = logging.getLogger("shardlight")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and not hasattr(h, "api") for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | shardlight - %(message)s",
+                                               datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+@app.command("make-demo-data")
+def make_demo_data(
+    out: Path = typer.Argument(..., help="Folder to write 00000.tar, 00001.tar, …"),
+    shards: int = typer.Option(4, min=1, help="Number of tar shards."),
+    samples_per_shard: int = typer.Option(64, min=1, help="Samples in each shard."),
+    seed: int = typer.Option(0, help="Random seed; the same seed writes the same samples."),
+    image_size: int = typer.Option(64, min=16, help="Width and height of the rendered images."),
+) -> None:
+    """Write a synthetic image-text WebDataset (img2dataset layout: KEY.jpg, KEY.txt, KEY.json)."""
+    from workers.synthetic import write_shards
+
+    paths = write_shards(out, shards, samples_per_shard, seed, image_size)
+    console.print(f"wrote {len(paths)} shard(s) × {samples_per_shard} samples to {out}")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Run config YAML (see configs/demo.yaml)."),
+    input: Optional[str] = typer.Option(None, "--input", "-i", help="Shards: path, dir, glob, {a..b} or URL."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder or URL."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (auto, ray://host:10001)."),
+) -> None:
+    """Embed, label and index the input shards (resumes: finished shards are skipped)."""
+    cfg = with_ray_address(load_config(config, input=input, output=out), ray_address)
+    summary = run_pipeline(cfg)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+def run_pipeline(cfg) -> dict:
+    """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
+    from flows.pipeline import pipeline
+    from workers.storage import list_shards
+
+    _setup_logging()
+    if not cfg.input or not cfg.output:
+        raise ShardlightError("the config needs both `input` and `output` (or --input/--out)")
+    list_shards(cfg.input)  # fail fast on a missing input, before any service starts
+    summary = pipeline(cfg.model_dump())
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(s: dict) -> None:
+    if s["processed"] == 0 and not s["failed"]:
+        console.print(f"[bold]nothing to do:[/] all {s['shards']} shard(s) were already processed")
+    table = Table(title="run summary", show_header=False)
+    for name in ("shards", "processed", "skipped", "samples_read", "rows", "errors", "no_caption", "images_per_s"):
+        table.add_row(name, str(s[name]))
+    if s["index"]:
+        table.add_row("index", f"{s['index']['count']} vectors ({s['index']['factory']})")
+    console.print(table)
+    for shard, problem in s["shard_problems"].items():
+        console.print(f"[yellow]shard {shard}:[/] {problem}")
+    for shard, reason in s["failed"].items():
+        err_console.print(f"[red]failed[/] {shard}: {reason}")
+
+
+@app.command()
+def index(
+    out: str = typer.Argument(..., help="Output folder of a run."),
+    factory: str = typer.Option("Flat", help="FAISS index_factory string."),
+) -> None:
+    """Rebuild the FAISS index from the embeddings Parquet files."""
+    from index.build import build_index
+
+    meta = build_index(out, factory)
+    console.print(f"index: {meta['count']} vectors, {meta['factory']}, built in {meta['build_seconds']}s")
+
+
+@app.command()
+def query(
+    out: str = typer.Argument(..., help="Output folder of a run."),
+    text: Optional[str] = typer.Argument(None, help="Text query."),
+    k: int = typer.Option(10, "-k", min=1, help="Number of results."),
+    image: Optional[Path] = typer.Option(None, help="Query by this image file instead of text."),
+    key: Optional[str] = typer.Option(None, help="Query by an indexed sample's key (more like this)."),
+    label: Optional[str] = typer.Option(None, help="Keep only results with this label."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """Nearest samples to a text, an image or an existing key."""
+    from index.search import Searcher
+
+    hits = Searcher(out).search(text=text, image=image, key=key, k=k, label=label)
+    if as_json:
+        for hit in hits:
+            print(json.dumps(hit.to_dict()))
+        return
+    _print_hits(text or str(image or key), hits)
+
+
+def _print_hits(title: str, hits: list) -> None:
+    table = Table(title=f"query: {title}")
+    for col in ("#", "key", "score", "label", "caption"):
+        table.add_column(col)
+    for i, h in enumerate(hits, 1):
+        label = f"{h.label} ({h.label_prob:.2f})" if h.label else "-"
+        table.add_row(str(i), h.key, f"{h.score:.3f}", label, h.caption or "")
+    console.print(table)
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo-out"), help="Where demo data and outputs go."),
+    shards: int = typer.Option(4, min=1, help="Demo shards to generate."),
+    samples_per_shard: int = typer.Option(96, min=1, help="Samples per demo shard."),
+    k: int = typer.Option(5, "-k", min=1, help="Results per example query."),
+) -> None:
+    """Make demo data, run the whole pipeline with configs/demo.yaml, and show example queries."""
+    from index.search import Searcher
+    from workers.synthetic import write_shards
+
+    data = workdir / "data"
+    if not any(data.glob("*.tar")):
+        write_shards(data, shards, samples_per_shard, seed=1234)
+    cfg = load_config(DEMO_CONFIG, input=str(data), output=str(workdir / "out"))
+    run_pipeline(cfg)
+    searcher = Searcher(cfg.output)
+    for text in DEMO_QUERIES:
+        _print_hits(text, searcher.search(text=text, k=k))
+    first = searcher.keys[0]
+    _print_hits(f"more like {first}", searcher.search(key=first, k=k))
+    console.print(f"outputs in {cfg.output}; try: shardlight query {cfg.output} \"a purple square\"")
+
+
+def main() -> None:
+    """Console entry point: expected failures print one line, not a traceback."""
+    try:
+        app()
+    except ShardlightError as err:
+        err_console.print(f"[red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The Prefect flow: plan shards → embed on Ray → build the index → record the run.
+
+Prefect sequences coarse stages (each a task with retries); Ray does the per-shard work. A shard is
+done when its embeddings Parquet exists, so every stage can be re-run and a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "shardlight")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, task  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from index.build import build_index, embedding_files, fingerprint, read_meta  # noqa: E402
+from workers.config import RunConfig, parse_config  # noqa: E402
+from workers.embed import shard_done  # noqa: E402
+from workers.errors import InputError  # noqa: E402
+from workers.pool import embed_shards  # noqa: E402
+from workers.schema import embeddings_path, read_stats, run_record_path  # noqa: E402
+from workers.storage import list_shards, makedirs, shard_name, write_atomic  # noqa: E402
+
+log = logging.getLogger("shardlight")
+
+
+@task(name="plan-shards", retries=2, retry_delay_seconds=2)
+def plan_shards(cfg: RunConfig) -> dict:
+    """List input shards and split them into those still to do and those already done."""
+    shards = list_shards(cfg.input)
+    todo = [s for s in shards if not shard_done(cfg.output, s)]
+    log.info("%d shard(s) in input: %d to process, %d already done", len(shards), len(todo), len(shards) - len(todo))
+    return {"shards": shards, "todo": todo}
+
+
+@task(name="embed-shards", retries=1, retry_delay_seconds=5)
+def embed_stage(cfg: RunConfig, todo: list[str]) -> dict:
+    """Embed and label every shard still to do on the Ray actor pool, with a progress bar."""
+    todo = [s for s in todo if not shard_done(cfg.output, s)]  # a retried task skips what it finished
+    if not todo:
+        log.info("nothing to embed: every shard already has its output")
+        return {"stats": [], "failed": {}, "worker": {}, "seconds": 0.0}
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="shard", desc="embedding", dynamic_ncols=True)
+    rows = 0
+
+    def on_done(stats: dict) -> None:
+        nonlocal rows
+        rows += stats["rows"]
+        bar.set_postfix(rows=rows, img_s=f"{rows / (time.perf_counter() - start):.1f}")
+        bar.update(1)
+        if stats["problem"]:
+            log.warning("shard %s: %s", stats["shard"], stats["problem"])
+
+    try:
+        result = embed_shards(cfg, cfg.output, todo, on_done)
+    finally:
+        bar.close()
+    for shard, reason in result.failed.items():
+        log.error("shard %s failed: %s", shard, reason)
+    return {"stats": result.stats, "failed": result.failed, "worker": result.worker,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+@task(name="build-index", retries=1, retry_delay_seconds=5)
+def index_stage(cfg: RunConfig) -> dict:
+    """(Re)build the FAISS index when the embeddings changed since the last build."""
+    previous = read_meta(cfg.output, missing_ok=True)
+    files = embedding_files(cfg.output)
+    if previous and files and previous.get("fingerprint") == fingerprint(files) \
+            and previous.get("factory") == cfg.index.factory:
+        log.info("index is up to date (%d vectors); not rebuilt", previous["count"])
+        return {**previous, "rebuilt": False}
+    meta = build_index(cfg.output, cfg.index.factory, cfg.index.train_sample, cfg.index.nprobe,
+                       model=cfg.clip.model_dump())
+    log.info("index built: %d vectors, %s, %.1fs", meta["count"], meta["factory"], meta["build_seconds"])
+    return {**meta, "rebuilt": True}
+
+
+def _versions() -> dict:
+    names = ["shardlight", "torch", "open_clip_torch", "timm", "faiss-cpu", "ray", "prefect", "webdataset",
+             "pyarrow"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    found["python"] = platform.python_version()
+    return found
+
+
+def _code_version() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None) -> dict:
+    """Totals over every shard's recorded stats (this run's and earlier runs')."""
+    done = [s for s in plan["shards"] if shard_done(cfg.output, s)]
+    stats = [read_stats(embeddings_path(cfg.output, shard_name(s))) for s in done]
+    new_rows = sum(s["rows"] for s in embedded["stats"])
+    return {
+        "shards": len(plan["shards"]), "processed": len(embedded["stats"]),
+        "skipped": len(plan["shards"]) - len(plan["todo"]), "failed": embedded["failed"],
+        "samples_read": sum(s["samples_read"] for s in stats), "rows": sum(s["rows"] for s in stats),
+        "errors": sum(s["errors"] for s in stats), "no_caption": sum(s["no_caption"] for s in stats),
+        "shard_problems": {s["shard"]: s["problem"] for s in stats if s.get("problem")},
+        "new_rows": new_rows,
+        "images_per_s": round(new_rows / embedded["seconds"], 2) if embedded["seconds"] else None,
+        "worker": embedded["worker"],
+        "index": None if index is None else {k: index[k] for k in ("count", "factory", "fingerprint", "rebuilt")},
+    }
+
+
+@task(name="record-run")
+def record_run(cfg: RunConfig, summary: dict, started: str) -> None:
+    record = {
+        "config": cfg.model_dump(), "summary": summary, "versions": _versions(), "code_version": _code_version(),
+        "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_atomic(run_record_path(cfg.output), json.dumps(record, indent=2, default=str).encode())
+
+
+@flow(name="shardlight-pipeline", log_prints=True)
+def pipeline(config: dict) -> dict:
+    """Embed, label and index a WebDataset collection; `config` is a RunConfig as a mapping."""
+    cfg = parse_config(config)
+    if not cfg.input or not cfg.output:
+        raise InputError("the config needs both `input` and `output` (or --input/--out)")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    makedirs(cfg.output)
+    plan = plan_shards(cfg)
+    embedded = embed_stage(cfg, plan["todo"])
+    index = index_stage(cfg) if cfg.index.build and embedding_files(cfg.output) else None
+    summary = summarize(cfg, plan, embedded, index)
+    record_run(cfg, summary, started)
+    return summary

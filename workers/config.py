@@ -1,0 +1,129 @@
+"""The run config: one typed schema, validated once at the edge (unknown keys are errors).
+
+Workers and the index receive these objects (or plain values from them); they never read
+configuration files themselves. Relative paths in a YAML file are resolved against that file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from workers.errors import InputError
+from workers.storage import is_local
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClipSpec(_Strict):
+    model: str = "shapes-clip"  # open_clip architecture name (built-in, or a JSON in configs/models/)
+    pretrained: str | None = None  # open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local weights file
+    seed: int = 0  # initialises an untrained model identically on every worker
+
+
+class LabelSpec(_Strict):
+    kind: Literal["vit", "zeroshot", "none"] = "vit"  # timm classifier, CLIP zero-shot prompts, or no labels
+    model: str = "shapes-vit"  # timm model name, or a JSON in configs/models/ (used by kind=vit)
+    pretrained: bool = False  # timm hub weights (needs network or a warm HF cache)
+    checkpoint: str | None = None  # local .safetensors (or weights-only .pt) classifier weights
+    class_names: list[str] | str | None = None  # names, or a text file with one per line
+    prompt: str = "a photo of a {}"  # zero-shot template; {} is the class name
+    top_k: int = Field(5, ge=1)  # how many (id, prob) pairs are kept per row besides the top-1
+
+
+class ComputeSpec(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the worker has a GPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 autocast on GPU, fp32 on CPU
+    batch_size: int | None = Field(None, ge=1)  # None: 256 per GPU, 32 on CPU
+    prefetch_batches: int = Field(4, ge=1)  # decoded batches queued ahead of the model
+
+
+class RaySpec(_Strict):
+    address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001" for a cluster
+    num_cpus: int | None = None  # CPUs a local Ray may use (None: all)
+    num_actors: int | None = Field(None, ge=1)  # None: one per GPU, or one CPU actor per 2 CPUs
+    cpus_per_actor: float = Field(0.5, gt=0)  # fractional, so decode tasks never starve (see docs/operations.md)
+    gpus_per_actor: float = Field(1.0, ge=0)  # asked for only when the cluster has GPUs
+    max_retries_per_shard: int = Field(2, ge=0)  # a shard whose actor died is retried this often
+
+
+class IndexSpec(_Strict):
+    build: bool = True  # build the FAISS index after embedding
+    factory: str = "Flat"  # FAISS index_factory string (Flat, HNSW32, IVF1024,Flat, OPQ64,IVF4096,PQ64, …)
+    train_sample: int = Field(100_000, ge=1)  # vectors sampled to train quantizers
+    nprobe: int | None = Field(None, ge=1)  # IVF search breadth (None: FAISS default)
+
+
+class RunConfig(_Strict):
+    input: str | list[str] | None = None  # shards: path, directory, glob, {000..009} pattern or fsspec URL
+    output: str | None = None  # output folder or URL
+    clip: ClipSpec = ClipSpec()
+    labels: LabelSpec = LabelSpec()
+    compute: ComputeSpec = ComputeSpec()
+    ray: RaySpec = RaySpec()
+    index: IndexSpec = IndexSpec()
+
+
+def _resolve(value: str | None, base: Path) -> str | None:
+    """A relative path that exists beside the config file wins over the same path from the cwd."""
+    if value is None or not is_local(value) or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    return str(candidate) if candidate.exists() else value
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {where!r}"
+    return f"{where}: {first['msg']}"
+
+
+def parse_config(data: dict, source: str = "config", base: Path | None = None) -> RunConfig:
+    """Validate a config mapping; any problem becomes one InputError line naming the key."""
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a mapping of keys, got {type(data).__name__}")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        extra = len(err.errors()) - 1
+        more = f" (and {extra} more)" if extra else ""
+        raise InputError(f"{source}: {_first_error(err)}{more}") from None
+    if base is None:
+        return cfg
+    clip = cfg.clip.model_copy(update={"pretrained": _resolve(cfg.clip.pretrained, base)})
+    names = cfg.labels.class_names
+    labels = cfg.labels.model_copy(update={
+        "checkpoint": _resolve(cfg.labels.checkpoint, base),
+        "class_names": _resolve(names, base) if isinstance(names, str) else names,
+    })
+    return cfg.model_copy(update={"clip": clip, "labels": labels})
+
+
+def load_config(path: str | Path, **overrides) -> RunConfig:
+    """Read a YAML run config; `overrides` (e.g. input=, output=) replace top-level keys when not None."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if isinstance(data, dict):
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(data, source=str(path), base=path.resolve().parent)
+
+
+def with_ray_address(cfg: RunConfig, address: str | None) -> RunConfig:
+    if address is None:
+        return cfg
+    return cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})

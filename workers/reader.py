@@ -1,0 +1,131 @@
+"""Reading WebDataset shards: tar members → samples (webdataset's grouping) → decoded images.
+
+Every problem becomes a record instead of an exception: a sample that cannot be used yields a
+`SampleError`, and a shard that is empty or truncated sets `ShardReader.problem` while every sample
+read before the damage is still yielded. Nothing is dropped without a record.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from PIL import Image
+from webdataset.tariterators import group_by_keys
+
+from workers.storage import open_read, shard_name
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class RawSample:
+    key: str
+    shard: str
+    image: bytes | None
+    image_format: str | None
+    caption: str | None
+    meta: dict
+    tar_offset: int | None  # byte offset of the image member's data in an uncompressed tar
+    tar_size: int | None
+    metadata_error: str | None = None  # the json member was unreadable; the row is kept without it
+
+
+@dataclass
+class SampleError:
+    key: str | None
+    shard: str
+    stage: str  # read | metadata | decode | compute
+    reason: str
+    dropped: bool = True  # False: the row was kept and only this detail is recorded
+
+
+@dataclass
+class DecodedSample:
+    raw: RawSample
+    image: Image.Image
+    width: int
+    height: int
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+@dataclass
+class ShardReader:
+    """Iterate the samples of one shard, recording damage instead of raising."""
+
+    url: str
+    problem: str | None = None  # shard-level damage (empty, truncated, unreadable)
+    members: int = 0
+    _offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.url)
+
+    def _members(self) -> Iterator[dict]:
+        try:
+            with open_read(self.url) as stream:
+                seekable = not self.url.endswith((".gz", ".tgz"))
+                tar = tarfile.open(fileobj=stream, mode="r|*")
+                for info in tar:
+                    if not info.isreg():
+                        continue
+                    data = tar.extractfile(info).read()
+                    self.members += 1
+                    if seekable:
+                        self._offsets[info.name] = (info.offset_data, info.size)
+                    yield {"fname": info.name, "data": data, "__url__": self.url}
+                    tar.members = []  # streaming: keep memory flat on large shards
+        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+            if self.members == 0 and "empty" in str(err).lower():
+                self.problem = "empty shard (no tar members)"
+            elif self.members == 0:
+                self.problem = f"unreadable shard: {_first_line(err)}"
+            else:
+                self.problem = f"truncated shard after {self.members} members: {_first_line(err)}"
+
+    def __iter__(self) -> Iterator[RawSample | SampleError]:
+        for sample in group_by_keys(self._members()):
+            yield self._to_raw(sample)
+
+    def _to_raw(self, sample: dict) -> RawSample | SampleError:
+        key = sample["__key__"].rsplit("/", 1)[-1]
+        meta: dict = {}
+        metadata_error = None
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+                if not isinstance(meta, dict):
+                    raise ValueError("json metadata is not an object")
+            except ValueError as err:
+                meta, metadata_error = {}, f"bad json metadata: {_first_line(err)}"
+        caption = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else None
+        if not caption:
+            caption = meta.get("caption") if isinstance(meta.get("caption"), str) and meta.get("caption") else None
+        fmt = next((ext for ext in IMAGE_EXTS if ext in sample), None)
+        if fmt is None:
+            found = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing"
+            return SampleError(key, self.name, "read", f"no image member (found: {found})")
+        offset, size = self._offsets.pop(f"{sample['__key__']}.{fmt}", (None, None))
+        return RawSample(key=key, shard=self.name, image=sample[fmt], image_format=fmt, caption=caption,
+                         meta=meta, tar_offset=offset, tar_size=size,
+                         metadata_error=metadata_error)
+
+
+def decode(raw: RawSample) -> DecodedSample | SampleError:
+    """Decode image bytes to RGB; a corrupt or unreadable image becomes a SampleError."""
+    try:
+        with Image.open(io.BytesIO(raw.image)) as img:
+            img.load()
+            width, height = img.size
+            rgb = img.convert("RGB")
+    except Exception as err:  # PIL raises many types for bad data (OSError, SyntaxError, bomb errors)
+        return SampleError(raw.key, raw.shard, "decode", f"cannot decode {raw.image_format}: {_first_line(err)}")
+    return DecodedSample(raw=raw, image=rgb, width=width, height=height)
