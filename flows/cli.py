@@ -72,12 +72,14 @@ def run(
 def run_pipeline(cfg) -> dict:
     """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
     from flows.pipeline import pipeline
+    from workers.models import check_weight_files
     from workers.storage import list_shards
 
     _setup_logging()
     if not cfg.input or not cfg.output:
         raise ShardlightError("the config needs both `input` and `output` (or --input/--out)")
-    list_shards(cfg.input)  # fail fast on a missing input, before any service starts
+    list_shards(cfg.input)  # fail fast on a missing input or weights file, before any service starts
+    check_weight_files(cfg.clip, cfg.labels)
     summary = pipeline(cfg.model_dump())
     _print_summary(summary)
     return summary
@@ -170,7 +172,7 @@ def main() -> None:
     try:
         app()
     except ShardlightError as err:
-        err_console.print(f"[red]error:[/] {err}", highlight=False)
+        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm  # noqa: E402
 from index.build import build_index, embedding_files, fingerprint, read_meta  # noqa: E402
 from workers.config import RunConfig, parse_config  # noqa: E402
 from workers.embed import shard_done  # noqa: E402
-from workers.errors import InputError  # noqa: E402
+from workers.errors import InputError, ShardlightError  # noqa: E402
 from workers.pool import embed_shards  # noqa: E402
 from workers.schema import embeddings_path, read_stats, run_record_path  # noqa: E402
 from workers.storage import list_shards, makedirs, shard_name, write_atomic  # noqa: E402
@@ -32,7 +32,31 @@ from workers.storage import list_shards, makedirs, shard_name, write_atomic  # n
 log = logging.getLogger("shardlight")
 
 
-@task(name="plan-shards", retries=2, retry_delay_seconds=2)
+class _OneLineErrors(logging.Filter):
+    """Expected failures (ShardlightError) are logged as their message, without a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ShardlightError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_OneLineErrors())
+
+
+def _retry_unless_expected(task, task_run, state) -> bool:
+    """Retry transient failures; a wrong config or a missing model will not fix itself."""
+    try:
+        state.result()
+    except ShardlightError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="plan-shards", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_expected)
 def plan_shards(cfg: RunConfig) -> dict:
     """List input shards and split them into those still to do and those already done."""
     shards = list_shards(cfg.input)
@@ -41,7 +65,7 @@ def plan_shards(cfg: RunConfig) -> dict:
     return {"shards": shards, "todo": todo}
 
 
-@task(name="embed-shards", retries=1, retry_delay_seconds=5)
+@task(name="embed-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
 def embed_stage(cfg: RunConfig, todo: list[str]) -> dict:
     """Embed and label every shard still to do on the Ray actor pool, with a progress bar."""
     todo = [s for s in todo if not shard_done(cfg.output, s)]  # a retried task skips what it finished
@@ -70,7 +94,7 @@ def embed_stage(cfg: RunConfig, todo: list[str]) -> dict:
             "seconds": round(time.perf_counter() - start, 3)}
 
 
-@task(name="build-index", retries=1, retry_delay_seconds=5)
+@task(name="build-index", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
 def index_stage(cfg: RunConfig) -> dict:
     """(Re)build the FAISS index when the embeddings changed since the last build."""
     previous = read_meta(cfg.output, missing_ok=True)

@@ -54,10 +54,27 @@ def read_weights_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata stored in a safetensors header (class names, training recipe)."""
     if Path(path).suffix != ".safetensors":
         return {}
+    if not Path(path).is_file():
+        raise ModelLoadError(f"weights file not found: {path}")
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def check_weight_files(clip: ClipSpec | None, labels: LabelSpec | None) -> None:
+    """Fail fast, before any worker starts, on local weight or class-name files that do not exist."""
+    wanted = []
+    if clip is not None and clip.pretrained and _is_path(clip.pretrained):
+        wanted.append(("CLIP weights", clip.pretrained))
+    if labels is not None and labels.kind != "none":
+        if labels.checkpoint:
+            wanted.append(("classifier weights", labels.checkpoint))
+        if isinstance(labels.class_names, str):
+            wanted.append(("class_names file", labels.class_names))
+    for what, path in wanted:
+        if not Path(path).is_file():
+            raise ModelLoadError(f"{what} file not found: {path}")
 
 
 def _offline_hint(what: str, err: Exception) -> ModelLoadError:
@@ -78,9 +95,8 @@ class ClipEmbedder:
         if open_clip.get_model_config(spec.model) is None and not spec.model.startswith("hf-hub:"):
             known = ", ".join(sorted(open_clip.list_models())[:8])
             raise ModelLoadError(f"unknown open_clip model {spec.model!r} (e.g. {known}, or a JSON in {MODEL_DIR})")
+        check_weight_files(spec, None)
         pretrained = spec.pretrained
-        if pretrained and _is_path(pretrained) and not Path(pretrained).is_file():
-            raise ModelLoadError(f"CLIP weights file not found: {pretrained}")
         torch.manual_seed(spec.seed)  # an untrained model must be identical on every worker
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=pretrained)

@@ -17,21 +17,23 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from workers.config import RaySpec, RunConfig
 from workers.embed import ShardEmbedder
-from workers.errors import ClusterError
+from workers.errors import ClusterError, ShardlightError
 
 log = logging.getLogger("shardlight")
 
 
 @ray.remote
 class EmbedActor:
-    """Holds one ShardEmbedder; model-loading errors are kept and reported by `ready()` as text."""
+    """Holds one ShardEmbedder; a start-up failure is kept and handed to the driver by `ready()`."""
 
     def __init__(self, clip, labels, compute):
         self.embedder, self.error = None, None
         try:
             self.embedder = ShardEmbedder(clip, labels, compute)
-        except Exception as err:  # reported to the driver as one line, not a remote traceback
-            self.error = f"{type(err).__name__}: {err}" if not str(err).startswith("could not") else str(err)
+        except ShardlightError as err:  # re-raised by the driver as the same one-line error
+            self.error = err
+        except Exception as err:
+            self.error = ClusterError(f"worker failed to start: {type(err).__name__}: {err}")
 
     def ready(self) -> dict:
         return {"error": self.error} if self.error else {"error": None, **self.embedder.describe()}
@@ -109,7 +111,7 @@ class EmbedPool:
                 f"{self.ready_timeout:.0f}s; the cluster offers {ray.cluster_resources()}") from None
         for info in infos:
             if info["error"]:
-                raise ClusterError(info["error"])
+                raise info["error"]
         return infos[0]
 
     def run(self, shards: list[str], on_done: Callable[[dict], None] | None = None) -> PoolResult:

@@ -83,8 +83,12 @@ class ShardReader:
                         self._offsets[info.name] = (info.offset_data, info.size)
                     yield {"fname": info.name, "data": data, "__url__": self.url}
                     tar.members = []  # streaming: keep memory flat on large shards
+                # tarfile ends quietly when a stream stops on a header boundary; a complete archive
+                # ends with a zero block, which the stream has then consumed.
+                if self.members and tar.fileobj.pos - tar.offset < tarfile.BLOCKSIZE:
+                    raise tarfile.ReadError("no end-of-archive marker")
         except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-            if self.members == 0 and "empty" in str(err).lower():
+            if self.members == 0 and any(w in str(err).lower() for w in ("empty", "end of file header")):
                 self.problem = "empty shard (no tar members)"
             elif self.members == 0:
                 self.problem = f"unreadable shard: {_first_line(err)}"

@@ -1,0 +1,71 @@
+"""Test environment: offline hubs, a throw-away Prefect home, no telemetry; shard fixtures with damage."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="shardlight-prefect-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import io  # noqa: E402
+import random  # noqa: E402
+import tarfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from workers.synthetic import sample, write_shards  # noqa: E402
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: Path, samples: list[dict]) -> Path:
+    """Write samples ({__key__, ext: bytes}) as a plain tar; lets tests plant damage."""
+    with tarfile.open(path, "w") as tar:
+        for s in samples:
+            for ext, data in s.items():
+                if ext != "__key__":
+                    add_member(tar, f"{s['__key__']}.{ext}", data)
+    return path
+
+
+def make_samples(n: int, seed: int, prefix: str) -> list[dict]:
+    rng = random.Random(seed)
+    return [sample(rng, f"{prefix}{i:04d}", label_id=i % 24) for i in range(n)]
+
+
+@pytest.fixture
+def damaged_shards(tmp_path: Path) -> dict:
+    """Four shards: one healthy, one with a corrupt JPEG and a caption-less sample, one zero-byte,
+    one truncated mid-way. Returns the folder and the expected counts."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shards(data, shards=1, samples_per_shard=6, seed=3)  # 00000.tar: 6 good samples
+    planted = make_samples(6, seed=4, prefix="b")
+    planted[1]["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg"
+    del planted[2]["txt"]
+    planted[2]["json"] = b'{"url": "http://example.com/b0002.jpg", "status": "success"}'
+    write_tar(data / "00001.tar", planted)
+    (data / "00002.tar").write_bytes(b"")
+    full = write_tar(tmp_path / "full.tar", make_samples(8, seed=5, prefix="c")).read_bytes()
+    (data / "00003.tar").write_bytes(full[: len(full) // 2])
+    return {"dir": data, "corrupt_key": "b0001", "no_caption_key": "b0002"}
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (SQLite) for the whole session, stopped before pytest closes output."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

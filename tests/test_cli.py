@@ -1,0 +1,58 @@
+"""The console script as a user runs it: one-line errors, never a traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARDLIGHT = str(Path(sys.executable).with_name("shardlight"))
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([SHARDLIGHT, *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+
+
+def assert_one_line_error(result, expected: str):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+@pytest.mark.timeout(150)
+def test_wrong_config_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("clip:\n  model: shapes-clip\nindex:\n  factroy: Flat\n")
+    assert_one_line_error(run_cli("run", str(cfg), "-i", str(tmp_path), "-o", str(tmp_path / "o")),
+                          "unknown key 'index.factroy'")
+
+
+@pytest.mark.timeout(150)
+def test_missing_input_and_missing_weights(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("clip:\n  model: shapes-clip\n")
+    assert_one_line_error(run_cli("run", str(cfg), "-i", str(tmp_path / "none"), "-o", str(tmp_path / "o")),
+                          "input not found")
+    cfg.write_text("clip:\n  model: shapes-clip\n  pretrained: /no/such/file.safetensors\n")
+    (tmp_path / "00000.tar").write_bytes(b"")
+    assert_one_line_error(run_cli("run", str(cfg), "-i", str(tmp_path), "-o", str(tmp_path / "o")),
+                          "CLIP weights file not found: /no/such/file.safetensors")
+
+
+@pytest.mark.timeout(150)
+def test_query_without_index(tmp_path):
+    assert_one_line_error(run_cli("query", str(tmp_path), "a red circle"), "no index at")
+
+
+@pytest.mark.timeout(150)
+def test_make_demo_data_and_help(tmp_path):
+    result = run_cli("make-demo-data", str(tmp_path / "d"), "--shards", "2", "--samples-per-shard", "3",
+                     "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["00000.tar", "00001.tar"]
+    helped = run_cli("--help")
+    for command in ("run", "query", "demo", "make-demo-data", "index"):
+        assert command in helped.stdout

@@ -1,0 +1,66 @@
+"""The worker on its own (no Ray): outputs, schema, reconciliation of rows and errors."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from workers.config import ClipSpec, ComputeSpec, LabelSpec
+from workers.embed import ShardEmbedder, shard_done
+from workers.schema import read_stats
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return ShardEmbedder(ClipSpec(model="shapes-clip"), LabelSpec(kind="vit", model="shapes-vit", top_k=3),
+                         ComputeSpec(batch_size=4))
+
+
+def test_rows_and_errors_reconcile_on_a_damaged_shard(embedder, damaged_shards, tmp_path):
+    out = str(tmp_path / "out")
+    stats = embedder.process(str(damaged_shards["dir"] / "00001.tar"), out)
+    table = pq.read_table(f"{out}/embeddings/00001.parquet")
+    errors = pq.read_table(f"{out}/errors/00001.parquet").to_pylist()
+    assert stats["samples_read"] == 6 and stats["rows"] == 5 and stats["errors"] == 1
+    assert table.num_rows + sum(e["dropped"] for e in errors) == stats["samples_read"]
+    assert [e["key"] for e in errors if e["dropped"]] == [damaged_shards["corrupt_key"]]
+    row = table.to_pylist()[table.column("key").to_pylist().index(damaged_shards["no_caption_key"])]
+    assert row["caption"] is None and row["text_embedding"] is None and row["clip_score"] is None
+    assert row["url"] == "http://example.com/b0002.jpg"
+    assert read_stats(f"{out}/embeddings/00001.parquet") == stats
+    assert shard_done(out, str(damaged_shards["dir"] / "00001.tar"))
+
+
+def test_schema_and_normalised_vectors(embedder, damaged_shards, tmp_path):
+    out = str(tmp_path / "out")
+    embedder.process(str(damaged_shards["dir"] / "00000.tar"), out)
+    table = pq.read_table(f"{out}/embeddings/00000.parquet")
+    for col in ("key", "shard", "caption", "url", "width", "height", "image_embedding", "text_embedding",
+                "clip_score", "label_id", "label", "label_prob", "topk_ids", "topk_probs", "shape", "color"):
+        assert col in table.column_names
+    assert table.column("json_label").to_pylist()[0]  # the json's own label kept beside the ViT's
+    assert table.schema.field("image_embedding").type.list_size == embedder.clip.dim
+    img = np.stack(table.column("image_embedding").to_numpy(zero_copy_only=False))
+    txt = np.stack(table.column("text_embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(table.column("clip_score").to_numpy(), (img * txt).sum(1), atol=1e-5)
+    assert all(len(ids) == 3 for ids in table.column("topk_ids").to_pylist())
+    assert table.column("width").to_pylist() == [64] * table.num_rows
+
+
+def test_empty_and_truncated_shards_still_write_outputs(embedder, damaged_shards, tmp_path):
+    out = str(tmp_path / "out")
+    empty = embedder.process(str(damaged_shards["dir"] / "00002.tar"), out)
+    assert empty["rows"] == 0 and empty["problem"] == "empty shard (no tar members)"
+    assert pq.read_table(f"{out}/embeddings/00002.parquet").num_rows == 0
+    cut = embedder.process(str(damaged_shards["dir"] / "00003.tar"), out)
+    assert cut["problem"].startswith("truncated shard") and cut["rows"] > 0
+    shard_errors = [e for e in pq.read_table(f"{out}/errors/00003.parquet").to_pylist() if e["stage"] == "shard"]
+    assert len(shard_errors) == 1 and not shard_errors[0]["dropped"]
+
+
+def test_same_shard_gives_identical_output(embedder, damaged_shards, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    embedder.process(str(damaged_shards["dir"] / "00000.tar"), a)
+    embedder.process(str(damaged_shards["dir"] / "00000.tar"), b)
+    ta, tb = pq.read_table(f"{a}/embeddings/00000.parquet"), pq.read_table(f"{b}/embeddings/00000.parquet")
+    assert ta.drop_columns([]).equals(tb)
