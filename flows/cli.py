@@ -61,15 +61,16 @@ def run(
     input: Optional[str] = typer.Option(None, "--input", "-i", help="Shards: path, dir, glob, {a..b} or URL."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder or URL."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (auto, ray://host:10001)."),
+    wait: float = typer.Option(0.0, help="Seconds to wait when another run holds the output (else refuse)."),
 ) -> None:
     """Embed, label and index the input shards (resumes: finished shards are skipped)."""
     cfg = with_ray_address(load_config(config, input=input, output=out), ray_address)
-    summary = run_pipeline(cfg)
+    summary = run_pipeline(cfg, wait_s=wait)
     if summary["failed"]:
         raise typer.Exit(1)
 
 
-def run_pipeline(cfg) -> dict:
+def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
     from flows.pipeline import pipeline
     from workers.models import check_weight_files
@@ -80,7 +81,7 @@ def run_pipeline(cfg) -> dict:
         raise ShardlightError("the config needs both `input` and `output` (or --input/--out)")
     list_shards(cfg.input)  # fail fast on a missing input or weights file, before any service starts
     check_weight_files(cfg.clip, cfg.labels)
-    summary = pipeline(cfg.model_dump())
+    summary = pipeline(cfg.model_dump(), wait_s=wait_s)
     _print_summary(summary)
     return summary
 

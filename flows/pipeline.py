@@ -21,6 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, task  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from flows.lease import OutputLease  # noqa: E402
 from index.build import build_index, embedding_files, fingerprint, read_meta  # noqa: E402
 from workers.config import RunConfig, parse_config  # noqa: E402
 from workers.embed import shard_done  # noqa: E402
@@ -159,16 +160,21 @@ def record_run(cfg: RunConfig, summary: dict, started: str) -> None:
 
 
 @flow(name="shardlight-pipeline", log_prints=True)
-def pipeline(config: dict) -> dict:
-    """Embed, label and index a WebDataset collection; `config` is a RunConfig as a mapping."""
+def pipeline(config: dict, wait_s: float = 0.0) -> dict:
+    """Embed, label and index a WebDataset collection; `config` is a RunConfig as a mapping.
+
+    Only one run at a time may write an output folder: a second one waits up to `wait_s` seconds for
+    the first to finish, then refuses.
+    """
     cfg = parse_config(config)
     if not cfg.input or not cfg.output:
         raise InputError("the config needs both `input` and `output` (or --input/--out)")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     makedirs(cfg.output)
-    plan = plan_shards(cfg)
-    embedded = embed_stage(cfg, plan["todo"])
-    index = index_stage(cfg) if cfg.index.build and embedding_files(cfg.output) else None
-    summary = summarize(cfg, plan, embedded, index)
-    record_run(cfg, summary, started)
+    with OutputLease(cfg.output, wait_s=wait_s):
+        plan = plan_shards(cfg)
+        embedded = embed_stage(cfg, plan["todo"])
+        index = index_stage(cfg) if cfg.index.build and embedding_files(cfg.output) else None
+        summary = summarize(cfg, plan, embedded, index)
+        record_run(cfg, summary, started)
     return summary

@@ -1,7 +1,9 @@
-"""A pool of Ray actors that embed shards: sized to the cluster, retrying shards whose actor died.
+"""A pool of Ray actors that process shards: sized to the cluster, retrying shards whose actor died.
 
-The driver ships constructor arguments (specs), never models; each actor loads its models once and
-writes its shard outputs itself, returning only small stats.
+The driver ships a builder (a shard-worker class) and its constructor arguments (specs), never models;
+each actor builds its worker once and then calls `worker.process(shard_url, out) -> stats` per shard,
+writing the shard's outputs itself and returning only small stats. Any class with `describe()` and
+`process()` can be a shard worker (the embedder, the augmenter).
 """
 
 from __future__ import annotations
@@ -23,23 +25,23 @@ log = logging.getLogger("shardlight")
 
 
 @ray.remote
-class EmbedActor:
-    """Holds one ShardEmbedder; a start-up failure is kept and handed to the driver by `ready()`."""
+class ShardActor:
+    """Holds one shard worker; a start-up failure is kept and handed to the driver by `ready()`."""
 
-    def __init__(self, clip, labels, compute):
-        self.embedder, self.error = None, None
+    def __init__(self, builder: Callable, args: tuple):
+        self.worker, self.error = None, None
         try:
-            self.embedder = ShardEmbedder(clip, labels, compute)
+            self.worker = builder(*args)
         except ShardlightError as err:  # re-raised by the driver as the same one-line error
             self.error = err
         except Exception as err:
             self.error = ClusterError(f"worker failed to start: {type(err).__name__}: {err}")
 
     def ready(self) -> dict:
-        return {"error": self.error} if self.error else {"error": None, **self.embedder.describe()}
+        return {"error": self.error} if self.error else {"error": None, **self.worker.describe()}
 
     def process(self, shard_url: str, out: str) -> dict:
-        return self.embedder.process(shard_url, out)
+        return self.worker.process(shard_url, out)
 
 
 def connect(spec: RaySpec) -> bool:
@@ -89,17 +91,19 @@ class PoolResult:
     worker: dict = field(default_factory=dict)
 
 
-class EmbedPool:
+class ShardPool:
     """Hands shards to actors, two in flight per actor, and replaces actors that die."""
 
-    def __init__(self, cfg: RunConfig, out: str, plan: PoolPlan, ready_timeout: float = 300.0):
-        self.cfg, self.out, self.plan, self.ready_timeout = cfg, out, plan, ready_timeout
+    def __init__(self, builder: Callable, args: tuple, out: str, plan: PoolPlan, max_retries: int,
+                 ready_timeout: float = 300.0):
+        self.builder, self.args, self.out, self.plan = builder, args, out, plan
+        self.max_retries, self.ready_timeout = max_retries, ready_timeout
         self.actors = [self._start_actor() for _ in range(plan.actors)]
         self.worker = self._wait_ready(self.actors)
 
     def _start_actor(self):
-        return EmbedActor.options(num_cpus=self.plan.num_cpus, num_gpus=self.plan.num_gpus).remote(
-            self.cfg.clip, self.cfg.labels, self.cfg.compute)
+        return ShardActor.options(num_cpus=self.plan.num_cpus, num_gpus=self.plan.num_gpus).remote(
+            self.builder, self.args)
 
     def _wait_ready(self, actors: list) -> dict:
         refs = [a.ready.remote() for a in actors]
@@ -147,7 +151,7 @@ class EmbedPool:
 
     def _on_actor_death(self, i, shard, attempts, pending, result, err) -> None:
         attempts[shard] = attempts.get(shard, 0) + 1
-        if attempts[shard] > self.cfg.ray.max_retries_per_shard:
+        if attempts[shard] > self.max_retries:
             result.failed[shard] = f"worker died {attempts[shard]} times: {_cause(err)}"
         else:
             log.warning("worker died on %s; retrying (attempt %d)", shard, attempts[shard] + 1)
@@ -166,15 +170,15 @@ def _cause(err: Exception) -> str:
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
-def embed_shards(cfg: RunConfig, out: str, shards: list[str],
-                 on_done: Callable[[dict], None] | None = None) -> PoolResult:
-    """Run the embedding stage for `shards` on Ray and return per-shard stats (starts Ray if needed)."""
+def run_stage(cfg: RunConfig, out: str, shards: list[str], builder: Callable, args: tuple,
+              on_done: Callable[[dict], None] | None = None) -> PoolResult:
+    """Process `shards` with `builder(*args)` workers on Ray; returns per-shard stats (starts Ray if needed)."""
     started = connect(cfg.ray)
     try:
         plan = plan_pool(cfg, len(shards))
-        log.info("Ray pool: %s for %d shard(s)", plan.describe(), len(shards))
+        log.info("Ray pool: %s for %d shard(s) (%s)", plan.describe(), len(shards), builder.__name__)
         t0 = time.perf_counter()
-        pool = EmbedPool(cfg, out, plan)
+        pool = ShardPool(builder, args, out, plan, cfg.ray.max_retries_per_shard)
         log.info("workers ready in %.1fs on %s (%s, batch %s)", time.perf_counter() - t0,
                  pool.worker["device"], pool.worker["dtype"], pool.worker["batch_size"])
         try:
@@ -184,3 +188,9 @@ def embed_shards(cfg: RunConfig, out: str, shards: list[str],
     finally:
         if started:
             ray.shutdown()
+
+
+def embed_shards(cfg: RunConfig, out: str, shards: list[str],
+                 on_done: Callable[[dict], None] | None = None) -> PoolResult:
+    """The embedding stage: CLIP embeddings and labels for every shard."""
+    return run_stage(cfg, out, shards, ShardEmbedder, (cfg.clip, cfg.labels, cfg.compute), on_done)
