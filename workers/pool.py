@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,7 +39,10 @@ class ShardActor:
             self.error = ClusterError(f"worker failed to start: {type(err).__name__}: {err}")
 
     def ready(self) -> dict:
-        return {"error": self.error} if self.error else {"error": None, **self.worker.describe()}
+        if self.error:
+            return {"error": self.error}
+        return {"error": None, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                **self.worker.describe()}
 
     def process(self, shard_url: str, out: str) -> dict:
         return self.worker.process(shard_url, out)
@@ -88,31 +92,39 @@ def plan_pool(cfg: RunConfig, shards: int) -> PoolPlan:
 class PoolResult:
     stats: list[dict] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # shard url -> reason
+    retried: list[str] = field(default_factory=list)  # shards re-queued after their worker died
     worker: dict = field(default_factory=dict)
 
 
 class ShardPool:
-    """Hands shards to actors, two in flight per actor, and replaces actors that die."""
+    """Hands shards to actors, two in flight per actor, and replaces actors that die.
+
+    A dead actor's shards go back to the queue (up to `max_retries` times each). Its replacement gets a
+    short while to start when other actors are alive (a lost node may leave no room for it): the run
+    then goes on with fewer actors rather than waiting for capacity that may never come back.
+    """
 
     def __init__(self, builder: Callable, args: tuple, out: str, plan: PoolPlan, max_retries: int,
-                 ready_timeout: float = 300.0):
+                 ready_timeout: float = 300.0, replace_timeout: float = 30.0):
         self.builder, self.args, self.out, self.plan = builder, args, out, plan
-        self.max_retries, self.ready_timeout = max_retries, ready_timeout
-        self.actors = [self._start_actor() for _ in range(plan.actors)]
-        self.worker = self._wait_ready(self.actors)
+        self.max_retries, self.ready_timeout, self.replace_timeout = max_retries, ready_timeout, replace_timeout
+        actors = [self._start_actor() for _ in range(plan.actors)]
+        self.worker = self._wait_ready(actors, self.ready_timeout)
+        self.actors = dict(enumerate(actors))  # slot -> live actor handle
 
     def _start_actor(self):
         return ShardActor.options(num_cpus=self.plan.num_cpus, num_gpus=self.plan.num_gpus).remote(
             self.builder, self.args)
 
-    def _wait_ready(self, actors: list) -> dict:
-        refs = [a.ready.remote() for a in actors]
+    def _wait_ready(self, actors: list, timeout: float) -> dict:
         try:
-            infos = ray.get(refs, timeout=self.ready_timeout)
+            infos = ray.get([a.ready.remote() for a in actors], timeout=timeout)
         except GetTimeoutError:
+            for actor in actors:
+                ray.kill(actor)
             raise ClusterError(
                 f"Ray could not start {len(actors)} worker(s) needing {self.plan.describe()} within "
-                f"{self.ready_timeout:.0f}s; the cluster offers {ray.cluster_resources()}") from None
+                f"{timeout:.0f}s; the cluster offers {ray.cluster_resources()}") from None
         for info in infos:
             if info["error"]:
                 raise info["error"]
@@ -120,25 +132,34 @@ class ShardPool:
 
     def run(self, shards: list[str], on_done: Callable[[dict], None] | None = None) -> PoolResult:
         result = PoolResult(worker=self.worker)
-        pending = list(reversed(shards))
-        attempts: dict[str, int] = {}
-        in_flight: dict = {}  # ref -> (actor index, shard)
+        pending = deque(shards)
+        attempts: Counter = Counter()
+        in_flight: dict = {}  # ref -> (slot, actor, shard)
 
-        def submit(i: int) -> None:
-            if pending:
-                shard = pending.pop()
-                in_flight[self.actors[i].process.remote(shard, self.out)] = (i, shard)
+        def fill(slot: int) -> None:
+            """Keep two shards queued on the slot's live actor, so it never waits for the driver."""
+            actor = self.actors.get(slot)
+            while pending and actor is not None and sum(a is actor for _, a, _ in in_flight.values()) < 2:
+                shard = pending.popleft()
+                in_flight[actor.process.remote(shard, self.out)] = (slot, actor, shard)
 
-        for i in range(len(self.actors)):
-            submit(i)
-            submit(i)
+        for slot in list(self.actors):
+            fill(slot)
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
-            i, shard = in_flight.pop(done[0])
+            slot, actor, shard = in_flight.pop(done[0])
             try:
                 stats = ray.get(done[0])
             except RayActorError as err:
-                self._on_actor_death(i, shard, attempts, pending, result, err)
+                attempts[shard] += 1
+                if attempts[shard] > self.max_retries:
+                    result.failed[shard] = f"worker died {attempts[shard]} times: {_cause(err)}"
+                else:
+                    log.warning("worker died on %s; retrying it (attempt %d)", shard, attempts[shard] + 1)
+                    pending.appendleft(shard)
+                    result.retried.append(shard)
+                if self.actors.get(slot) is actor:  # the first of its failures replaces it
+                    self._replace(slot)
             except RayTaskError as err:
                 result.failed[shard] = _cause(err)
                 log.error("shard %s failed: %s", shard, result.failed[shard])
@@ -146,21 +167,27 @@ class ShardPool:
                 result.stats.append(stats)
                 if on_done:
                     on_done(stats)
-            submit(i)
+            for live in list(self.actors):
+                fill(live)
+            if not in_flight and pending and not self.actors:
+                raise ClusterError(f"every worker died and none could be restarted; {len(pending)} shard(s) left")
         return result
 
-    def _on_actor_death(self, i, shard, attempts, pending, result, err) -> None:
-        attempts[shard] = attempts.get(shard, 0) + 1
-        if attempts[shard] > self.max_retries:
-            result.failed[shard] = f"worker died {attempts[shard]} times: {_cause(err)}"
-        else:
-            log.warning("worker died on %s; retrying (attempt %d)", shard, attempts[shard] + 1)
-            pending.append(shard)
-        self.actors[i] = self._start_actor()
-        self._wait_ready([self.actors[i]])
+    def _replace(self, slot: int) -> None:
+        del self.actors[slot]
+        actor = self._start_actor()
+        timeout = self.replace_timeout if self.actors else self.ready_timeout
+        try:
+            self._wait_ready([actor], timeout)
+        except ClusterError as err:
+            if not self.actors:
+                raise
+            log.warning("could not replace a lost worker (%s); going on with %d", err, len(self.actors))
+            return
+        self.actors[slot] = actor
 
     def close(self) -> None:
-        for actor in self.actors:
+        for actor in self.actors.values():
             ray.kill(actor)
 
 
