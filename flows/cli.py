@@ -175,6 +175,16 @@ def main() -> None:
     except ShardlightError as err:
         err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: run the same command again to resume where it stopped")
+        sys.exit(130)
+    except Exception as err:  # a bug or an outage, not a user error: keep it to one line unless asked
+        if os.environ.get("SHARDLIGHT_DEBUG"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        err_console.print(f"[red]unexpected error:[/] {type(err).__name__}: {first} "
+                          "(set SHARDLIGHT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from importlib import metadata
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "shardlight")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The temporary local server can take longer than Prefect's 20 s default to start on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, task  # noqa: E402
 from tqdm import tqdm  # noqa: E402

@@ -1,0 +1,87 @@
+"""Kill the driver mid-run, run again: the result equals an uninterrupted run's. Two runs at once: one refuses."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from index.search import Searcher
+from workers.synthetic import write_shards
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+SHARDLIGHT = str(Path(sys.executable).with_name("shardlight"))
+CONFIG = """
+clip: {model: shapes-clip}
+labels: {kind: vit, model: shapes-vit, top_k: 2}
+compute: {batch_size: 16}
+ray: {num_cpus: 2, num_actors: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    write_shards(root / "data", shards=5, samples_per_shard=120, seed=41)
+    (root / "cfg.yaml").write_text(CONFIG)
+    return root
+
+
+def start(root, out, **kw):
+    env = {**os.environ, "PREFECT_HOME": str(root / f"prefect-{out}"), "COLUMNS": "200"}
+    return subprocess.Popen([SHARDLIGHT, "run", str(root / "cfg.yaml"), "-i", str(root / "data"), "-o",
+                             str(root / out)], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(proc, timeout=400):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def tables(out: Path) -> dict:
+    return {p.name: pq.read_table(p) for p in sorted((out / "embeddings").glob("*.parquet"))}
+
+
+def test_killed_driver_then_rerun_equals_uninterrupted_run(setup):
+    root = setup
+    proc = start(root, "killed")
+    done_dir = root / "killed" / "embeddings"
+    deadline = time.monotonic() + 300
+    while not (done_dir.exists() and list(done_dir.glob("*.parquet"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before any shard finished"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = len(list(done_dir.glob("*.parquet")))
+    assert finished_before < 5, "killed mid-run"
+
+    rc, out, err = finish(start(root, "killed"))
+    assert rc == 0, err
+    rc, _, err = finish(start(root, "clean"))
+    assert rc == 0, err
+
+    killed, clean = tables(root / "killed"), tables(root / "clean")
+    assert list(killed) == list(clean) == [f"{i:05d}.parquet" for i in range(5)]
+    for name in clean:
+        assert killed[name].drop_columns([]).equals(clean[name]), name
+    a, b = Searcher(root / "killed"), Searcher(root / "clean")
+    for query in ("a red circle", "a blue star"):
+        assert [h.key for h in a.search(text=query, k=10)] == [h.key for h in b.search(text=query, k=10)]
+
+
+def test_two_runs_on_one_output_one_refuses(setup):
+    root = setup
+    first, second = start(root, "shared"), start(root, "shared")
+    results = [finish(first), finish(second)]
+    codes = sorted(rc for rc, _, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for rc, _, err in results if rc == 2)
+    assert "is in use by another run" in refused and "Traceback" not in refused
+    assert len(tables(root / "shared")) == 5
+    assert not (root / "shared" / "_lease.json").exists()
