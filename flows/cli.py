@@ -17,6 +17,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from workers.config import CONFIG_DIR, load_config, with_ray_address  # noqa: E402
+from flows.report_cli import report  # noqa: E402
 from workers.errors import ShardlightError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -142,6 +143,37 @@ def _print_hits(title: str, hits: list) -> None:
         label = f"{h.label} ({h.label_prob:.2f})" if h.label else "-"
         table.add_row(str(i), h.key, f"{h.score:.3f}", label, h.caption or "")
     console.print(table)
+
+
+@app.command()
+def deploy(
+    config: Path = typer.Argument(..., help="Run config YAML."),
+    name: str = typer.Option(..., "--name", help="Deployment name (shardlight-pipeline/NAME)."),
+    cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 * * * *" (hourly).'),
+    input: Optional[str] = typer.Option(None, "--input", "-i", help="Shards to watch (new ones get processed)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder or URL."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address for the scheduled runs."),
+    pool: str = typer.Option("shardlight", help="Prefect work pool (a process pool, created if missing)."),
+) -> None:
+    """Register a scheduled Prefect deployment of the pipeline (needs PREFECT_API_URL)."""
+    from flows.deploy import deploy as register
+
+    cfg = with_ray_address(load_config(config, input=input, output=out), ray_address)
+    full = register(cfg, name, cron, pool)
+    console.print(f"deployment {full} registered{f' on {cron!r}' if cron else ''} in work pool {pool!r}\n"
+                  f"run the scheduled runs with: shardlight worker --pool {pool}\n"
+                  f"trigger one now with:       prefect deployment run '{full}'")
+
+
+@app.command()
+def worker(pool: str = typer.Option("shardlight", help="Prefect work pool to poll.")) -> None:
+    """Run a Prefect worker that executes the scheduled pipeline runs (needs PREFECT_API_URL)."""
+    from flows.deploy import start_worker
+
+    start_worker(pool)
+
+
+app.command()(report)
 
 
 @app.command()

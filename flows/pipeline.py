@@ -21,16 +21,19 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from flows.lease import OutputLease  # noqa: E402
+from flows.report import build_report  # noqa: E402
+from flows.report_summary import collect_summary, summary_markdown  # noqa: E402
 from index.build import build_index, embedding_files, fingerprint, read_meta  # noqa: E402
 from workers.config import RunConfig, parse_config  # noqa: E402
 from workers.embed import shard_done  # noqa: E402
 from workers.errors import InputError, ShardlightError  # noqa: E402
 from workers.pool import embed_shards  # noqa: E402
 from workers.schema import embeddings_path, read_stats, run_record_path  # noqa: E402
-from workers.storage import list_shards, makedirs, shard_name, write_atomic  # noqa: E402
+from workers.storage import is_local, list_shards, makedirs, shard_name, write_atomic  # noqa: E402
 
 log = logging.getLogger("shardlight")
 
@@ -161,6 +164,19 @@ def record_run(cfg: RunConfig, summary: dict, started: str) -> None:
     write_atomic(run_record_path(cfg.output), json.dumps(record, indent=2, default=str).encode())
 
 
+@task(name="publish-report", retries=1, retry_delay_seconds=2)
+def publish_report(cfg: RunConfig) -> str | None:
+    """Write OUT/report/index.html and publish the run summary, linking to it, as a Prefect artifact."""
+    if not is_local(cfg.output):
+        log.info("no report for %s: the report is written beside local outputs only", cfg.output)
+        return None
+    facts = collect_summary(cfg.output)  # computed once, rendered as HTML and as markdown
+    page = build_report(cfg.output, summary=facts)
+    create_markdown_artifact(markdown=summary_markdown(cfg.output, facts), key="shardlight-run-summary",
+                             description=f"shardlight run: {cfg.output}")
+    return str(page)
+
+
 @flow(name="shardlight-pipeline", log_prints=True)
 def pipeline(config: dict, wait_s: float = 0.0) -> dict:
     """Embed, label and index a WebDataset collection; `config` is a RunConfig as a mapping.
@@ -179,4 +195,5 @@ def pipeline(config: dict, wait_s: float = 0.0) -> dict:
         index = index_stage(cfg) if cfg.index.build and embedding_files(cfg.output) else None
         summary = summarize(cfg, plan, embedded, index)
         record_run(cfg, summary, started)
+        publish_report(cfg)
     return summary

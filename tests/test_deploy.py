@@ -1,0 +1,86 @@
+"""A scheduled deployment against a real local Prefect server: each run only does the new shards."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from workers.synthetic import write_shards
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+BIN = Path(sys.executable).parent
+CONFIG = "clip: {model: shapes-clip}\nlabels: {kind: vit, model: shapes-vit}\nray: {num_cpus: 2, num_actors: 1}\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "COLUMNS": "200"}
+    proc = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                if r.read() == b"true":
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "prefect server did not start"
+        time.sleep(1)
+    yield root, env
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def run(env, *args, timeout=600):
+    result = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def test_cron_deployment_runs_incrementally(server):
+    root, env = server
+    data, out = root / "data", root / "out"
+    write_shards(root / "all", shards=3, samples_per_shard=20, seed=51)
+    data.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        shutil.copy(root / "all" / name, data / name)
+    (root / "cfg.yaml").write_text(CONFIG)
+    run(env, BIN / "shardlight", "deploy", root / "cfg.yaml", "--name", "hourly", "--cron", "0 * * * *",
+        "-i", data, "-o", out)
+    worker = subprocess.Popen([BIN / "shardlight", "worker"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        schedule = run(env, BIN / "prefect", "deployment", "inspect", "shardlight-pipeline/hourly").stdout
+        assert "0 * * * *" in schedule
+        run(env, BIN / "prefect", "deployment", "run", "shardlight-pipeline/hourly", "--watch")
+        first = json.loads((out / "run.json").read_text())["summary"]
+        assert first["processed"] == 2 and first["index"]["count"] == 40
+        kept = (out / "embeddings" / "00000.parquet").stat().st_mtime_ns
+
+        shutil.copy(root / "all" / "00002.tar", data / "00002.tar")
+        run(env, BIN / "prefect", "deployment", "run", "shardlight-pipeline/hourly", "--watch")
+        second = json.loads((out / "run.json").read_text())["summary"]
+        assert second["processed"] == 1 and second["skipped"] == 2
+        assert second["index"]["count"] == first["index"]["count"] + 20
+        assert (out / "embeddings" / "00000.parquet").stat().st_mtime_ns == kept
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=30)
