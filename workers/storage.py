@@ -25,6 +25,8 @@ def local_path(url: str) -> str:
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(str(url))
+    if not is_local(url):
+        fs.invalidate_cache()  # other processes (Ray workers, other runs) write here: never trust a listing cache
     return fs, path
 
 
