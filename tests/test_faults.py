@@ -40,7 +40,7 @@ def shards(tmp_path_factory):
 
 
 def start_pool(out, actors, replace_timeout=30.0):
-    plan = PoolPlan(actors=actors, num_cpus=1, num_gpus=0)
+    plan = PoolPlan(actors=actors, num_cpus=1, num_gpus=0, min_ready=actors)
     return ShardPool(ShardEmbedder, (CFG.clip, CFG.labels, CFG.compute), str(out), plan, max_retries=2,
                      replace_timeout=replace_timeout)
 
@@ -82,3 +82,23 @@ def test_lost_node_mid_run_completes_on_the_other(cluster, shards, tmp_path):
     pool.close()
     assert result.retried and not result.failed
     assert_every_row_exactly_once(shards, tmp_path)
+
+
+def test_pool_starts_with_min_actors_and_late_ones_join(cluster, shards, tmp_path):
+    """Three actors asked for on two 1-CPU nodes: work starts with two; the third never fits and is dropped."""
+    plan = PoolPlan(actors=3, num_cpus=1, num_gpus=0, min_ready=2)
+    pool = ShardPool(ShardEmbedder, (CFG.clip, CFG.labels, CFG.compute), str(tmp_path), plan, max_retries=2)
+    assert len(pool.actors) == 2 and len(pool.starting) == 1
+    result = pool.run(shards[:3])
+    pool.close()
+    assert not result.failed and len(result.stats) == 3
+    assert_every_row_exactly_once(shards[:3], tmp_path)
+
+
+def test_no_room_for_any_worker_is_one_clear_error(cluster, tmp_path):
+    from workers.errors import ClusterError
+
+    plan = PoolPlan(actors=1, num_cpus=4, num_gpus=0)  # no node has 4 CPUs
+    with pytest.raises(ClusterError, match=r"could not start 1 worker\(s\) needing 1 actor\(s\), 4 CPU each within 3s"):
+        ShardPool(ShardEmbedder, (CFG.clip, CFG.labels, CFG.compute), str(tmp_path), plan, max_retries=0,
+                  ready_timeout=3)

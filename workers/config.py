@@ -50,9 +50,13 @@ class RaySpec(_Strict):
     address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001" for a cluster
     num_cpus: int | None = None  # CPUs a local Ray may use (None: all)
     num_actors: int | None = Field(None, ge=1)  # None: one per GPU, or one CPU actor per 2 CPUs
+    min_actors: int = Field(1, ge=1)  # start once this many are up; the rest join as the autoscaler adds nodes
+    max_actors: int | None = Field(None, ge=1)  # cap on the automatic size (None: no cap)
+    start_timeout_s: float = Field(300.0, gt=0)  # give up, in one line, if min_actors cannot start by then
     cpus_per_actor: float = Field(0.5, gt=0)  # fractional, so decode tasks never starve (see docs/operations.md)
     gpus_per_actor: float = Field(1.0, ge=0)  # asked for only when the cluster has GPUs
     max_retries_per_shard: int = Field(2, ge=0)  # a shard whose actor died is retried this often
+    decode_cpus: float = Field(0.0, ge=0)  # extra CPUs reserved per actor for its decode thread
 
 
 class IndexSpec(_Strict):
@@ -60,6 +64,25 @@ class IndexSpec(_Strict):
     factory: str = "Flat"  # FAISS index_factory string (Flat, HNSW32, IVF1024,Flat, OPQ64,IVF4096,PQ64, …)
     train_sample: int = Field(100_000, ge=1)  # vectors sampled to train quantizers
     nprobe: int | None = Field(None, ge=1)  # IVF search breadth (None: FAISS default)
+
+
+class AugmentSpec(_Strict):
+    enabled: bool = False  # run the DiT augmentation stage after embedding
+    model: str = "DiT-Tiny/4"  # workers.dit.DIT_MODELS name; a published .pt takes its heads from it (DiT-XL/2)
+    checkpoint: str | None = None  # local DiT weights: the demo .safetensors or a published .pt
+    vae: str | None = None  # local diffusers AutoencoderKL folder, needed by latent models (DiT-XL/2-256)
+    modes: list[Literal["generate", "vary"]] = ["generate", "vary"]  # which augmentations to make
+    generate_per_class: int = Field(2, ge=0)  # generate: new images per class present in the shard
+    vary_sources: int = Field(2, ge=0)  # vary: source images per shard (the first ones with a known label)
+    vary_per_source: int = Field(2, ge=0)  # vary: variations of each source image
+    classes: list[str] | None = None  # generate for these class names instead of the shard's ViT labels
+    strength: float = Field(0.6, gt=0, le=1)  # vary: SDEdit noise level (0 keeps the source, 1 ignores it)
+    steps: int | None = Field(None, ge=1)  # DDIM steps (None: the checkpoint's default)
+    guidance: float | None = Field(None, ge=0)  # classifier-free guidance scale (None: the checkpoint's default)
+    min_clip_score: float | None = None  # drop (and count) images whose CLIP score vs class prompt is lower
+    prompt: str = "a photo of a {}"  # class prompt for CLIP scoring; {} is the class name
+    seed: int = 0  # mixed into every image's seed, itself derived from (source key or class, index)
+    batch_size: int = Field(32, ge=1)  # images denoised together (guidance doubles the model batch)
 
 
 class RunConfig(_Strict):
@@ -70,6 +93,7 @@ class RunConfig(_Strict):
     compute: ComputeSpec = ComputeSpec()
     ray: RaySpec = RaySpec()
     index: IndexSpec = IndexSpec()
+    augment: AugmentSpec = AugmentSpec()
 
 
 def _resolve(value: str | None, base: Path) -> str | None:
@@ -106,7 +130,9 @@ def parse_config(data: dict, source: str = "config", base: Path | None = None) -
         "checkpoint": _resolve(cfg.labels.checkpoint, base),
         "class_names": _resolve(names, base) if isinstance(names, str) else names,
     })
-    return cfg.model_copy(update={"clip": clip, "labels": labels})
+    augment = cfg.augment.model_copy(update={
+        "checkpoint": _resolve(cfg.augment.checkpoint, base), "vae": _resolve(cfg.augment.vae, base)})
+    return cfg.model_copy(update={"clip": clip, "labels": labels, "augment": augment})
 
 
 def load_config(path: str | Path, **overrides) -> RunConfig:

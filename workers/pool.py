@@ -65,9 +65,10 @@ def connect(spec: RaySpec) -> bool:
 
 @dataclass
 class PoolPlan:
-    actors: int
-    num_cpus: float
-    num_gpus: float
+    actors: int  # actors asked for
+    num_cpus: float  # per actor
+    num_gpus: float  # per actor
+    min_ready: int = 1  # actors that must be up before work starts
 
     def describe(self) -> str:
         each = f"{self.num_gpus:g} GPU" if self.num_gpus else f"{self.num_cpus:g} CPU"
@@ -85,7 +86,12 @@ def plan_pool(cfg: RunConfig, shards: int) -> PoolPlan:
     else:
         wanted = cfg.ray.num_actors or max(1, int(cpus // 2))
         gpu_each = 0.0
-    return PoolPlan(actors=max(1, min(wanted, shards)), num_cpus=cfg.ray.cpus_per_actor, num_gpus=gpu_each)
+    if cfg.ray.num_actors is None:
+        wanted = max(wanted, cfg.ray.min_actors)
+        wanted = min(wanted, cfg.ray.max_actors or wanted)
+    actors = max(1, min(wanted, shards))
+    return PoolPlan(actors=actors, num_cpus=cfg.ray.cpus_per_actor + cfg.ray.decode_cpus, num_gpus=gpu_each,
+                    min_ready=min(cfg.ray.min_actors, actors))
 
 
 @dataclass
@@ -108,27 +114,38 @@ class ShardPool:
                  ready_timeout: float = 300.0, replace_timeout: float = 30.0):
         self.builder, self.args, self.out, self.plan = builder, args, out, plan
         self.max_retries, self.ready_timeout, self.replace_timeout = max_retries, ready_timeout, replace_timeout
-        actors = [self._start_actor() for _ in range(plan.actors)]
-        self.worker = self._wait_ready(actors, self.ready_timeout)
-        self.actors = dict(enumerate(actors))  # slot -> live actor handle
+        self.actors: dict[int, object] = {}  # slot -> live actor handle
+        self.starting: dict = {}  # ready() ref -> actor still waiting for resources (autoscaling)
+        self.worker = self._start(plan.actors, plan.min_ready, ready_timeout)
 
     def _start_actor(self):
         return ShardActor.options(num_cpus=self.plan.num_cpus, num_gpus=self.plan.num_gpus).remote(
             self.builder, self.args)
 
-    def _wait_ready(self, actors: list, timeout: float) -> dict:
-        try:
-            infos = ray.get([a.ready.remote() for a in actors], timeout=timeout)
-        except GetTimeoutError:
-            for actor in actors:
+    def _start(self, count: int, needed: int, timeout: float) -> dict:
+        """Start `count` actors; return once `needed` are up, leaving the rest to join when placed."""
+        refs = {}
+        for _ in range(count):
+            actor = self._start_actor()
+            refs[actor.ready.remote()] = actor
+        ready, waiting = ray.wait(list(refs), num_returns=needed, timeout=timeout)
+        if len(ready) < needed:
+            for actor in refs.values():
                 ray.kill(actor)
             raise ClusterError(
-                f"Ray could not start {len(actors)} worker(s) needing {self.plan.describe()} within "
-                f"{timeout:.0f}s; the cluster offers {ray.cluster_resources()}") from None
-        for info in infos:
-            if info["error"]:
-                raise info["error"]
+                f"Ray could not start {needed} worker(s) needing {self.plan.describe()} within {timeout:.0f}s; "
+                f"the cluster offers {ray.cluster_resources()}")
+        self.starting.update({ref: refs[ref] for ref in waiting})
+        infos = [self._join(ref, refs[ref]) for ref in ready]
         return infos[0]
+
+    def _join(self, ref, actor) -> dict:
+        info = ray.get(ref)
+        if info["error"]:
+            ray.kill(actor)
+            raise info["error"]
+        self.actors[max(self.actors, default=-1) + 1] = actor
+        return info
 
     def run(self, shards: list[str], on_done: Callable[[dict], None] | None = None) -> PoolResult:
         result = PoolResult(worker=self.worker)
@@ -145,8 +162,16 @@ class ShardPool:
 
         for slot in list(self.actors):
             fill(slot)
-        while in_flight:
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+        while in_flight or (pending and self.starting):
+            timeout = None if in_flight else self.ready_timeout  # only late actors left to wait for
+            done, _ = ray.wait(list(in_flight) + list(self.starting), num_returns=1, timeout=timeout)
+            if not done:
+                break
+            if done[0] in self.starting:  # a late actor got its resources: put it to work
+                self._join(done[0], self.starting.pop(done[0]))
+                for live in list(self.actors):
+                    fill(live)
+                continue
             slot, actor, shard = in_flight.pop(done[0])
             try:
                 stats = ray.get(done[0])
@@ -169,25 +194,22 @@ class ShardPool:
                     on_done(stats)
             for live in list(self.actors):
                 fill(live)
-            if not in_flight and pending and not self.actors:
-                raise ClusterError(f"every worker died and none could be restarted; {len(pending)} shard(s) left")
+        if pending:
+            raise ClusterError(f"no worker left and none could be started; {len(pending)} shard(s) not processed")
         return result
 
     def _replace(self, slot: int) -> None:
         del self.actors[slot]
-        actor = self._start_actor()
         timeout = self.replace_timeout if self.actors else self.ready_timeout
         try:
-            self._wait_ready([actor], timeout)
+            self._start(1, 1, timeout)
         except ClusterError as err:
             if not self.actors:
                 raise
             log.warning("could not replace a lost worker (%s); going on with %d", err, len(self.actors))
-            return
-        self.actors[slot] = actor
 
     def close(self) -> None:
-        for actor in self.actors.values():
+        for actor in [*self.actors.values(), *self.starting.values()]:
             ray.kill(actor)
 
 
@@ -205,7 +227,7 @@ def run_stage(cfg: RunConfig, out: str, shards: list[str], builder: Callable, ar
         plan = plan_pool(cfg, len(shards))
         log.info("Ray pool: %s for %d shard(s) (%s)", plan.describe(), len(shards), builder.__name__)
         t0 = time.perf_counter()
-        pool = ShardPool(builder, args, out, plan, cfg.ray.max_retries_per_shard)
+        pool = ShardPool(builder, args, out, plan, cfg.ray.max_retries_per_shard, cfg.ray.start_timeout_s)
         log.info("workers ready in %.1fs on %s (%s, batch %s)", time.perf_counter() - t0,
                  pool.worker["device"], pool.worker["dtype"], pool.worker["batch_size"])
         try:
