@@ -1,0 +1,69 @@
+"""Scaling: the same shards through the Ray embedding stage with 1 and 2 CPU workers (and 1 GPU if present).
+
+    python bench/scale.py [--config configs/demo.yaml] [--shards 8] [--samples-per-shard 256]
+
+Prints images/s per pool size and the speed-up over one CPU worker, all measured in this run. Actor
+start-up (model load) is excluded: each measurement times `ShardPool.run` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from workers.config import CONFIG_DIR, load_config  # noqa: E402
+from workers.embed import ShardEmbedder  # noqa: E402
+from workers.pool import PoolPlan, ShardPool  # noqa: E402
+from workers.synthetic import write_shards  # noqa: E402
+
+
+def measure(cfg, shards: list[str], out: Path, plan: PoolPlan) -> float:
+    pool = ShardPool(ShardEmbedder, (cfg.clip, cfg.labels, cfg.compute), str(out), plan, max_retries=0)
+    try:
+        start = time.perf_counter()
+        result = pool.run(shards)
+        seconds = time.perf_counter() - start
+    finally:
+        pool.close()
+    return sum(s["rows"] for s in result.stats) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=CONFIG_DIR / "demo.yaml")
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--samples-per-shard", type=int, default=256)
+    args = parser.parse_args()
+    cfg = load_config(args.config)
+    cpus = os.cpu_count() or 2
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    setups = [("1 CPU worker", PoolPlan(1, 1.0, 0, 1)), ("2 CPU workers", PoolPlan(2, 1.0, 0, 2))]
+    if gpus:
+        setups.append(("1 GPU worker", PoolPlan(1, 1.0, 1.0, 1)))
+    with tempfile.TemporaryDirectory(prefix="shardlight-scale-") as tmp:
+        shards = [str(p) for p in write_shards(Path(tmp) / "data", args.shards, args.samples_per_shard, seed=7)]
+        results = [(name, measure(cfg, shards, Path(tmp) / f"out{i}", plan)) for i, (name, plan) in enumerate(setups)]
+    ray.shutdown()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    print(f"\nmachine: {platform.machine()}, {cpus} CPUs, {device}; config {args.config.name}; "
+          f"{args.shards} shards × {args.samples_per_shard} images")
+    base = results[0][1]
+    print(f"{'pool':<16}{'images/s':>10}{'speed-up':>10}")
+    for name, value in results:
+        print(f"{name:<16}{value:>10.1f}{value / base:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
