@@ -64,3 +64,25 @@ def test_same_shard_gives_identical_output(embedder, damaged_shards, tmp_path):
     embedder.process(str(damaged_shards["dir"] / "00000.tar"), b)
     ta, tb = pq.read_table(f"{a}/embeddings/00000.parquet"), pq.read_table(f"{b}/embeddings/00000.parquet")
     assert ta.drop_columns([]).equals(tb)
+
+
+def test_zero_shot_labels_come_from_the_class_list(damaged_shards, tmp_path):
+    names = ["red circle", "blue square", "green star"]
+    embedder = ShardEmbedder(ClipSpec(model="shapes-clip"),
+                             LabelSpec(kind="zeroshot", class_names=names, prompt="a {}", top_k=2),
+                             ComputeSpec(batch_size=4))
+    stats = embedder.process(str(damaged_shards["dir"] / "00000.tar"), str(tmp_path))
+    table = pq.read_table(f"{tmp_path}/embeddings/00000.parquet")
+    assert stats["rows"] == 6
+    assert set(table.column("label").to_pylist()) <= set(names)
+    probs = table.column("topk_probs").to_pylist()
+    assert all(len(p) == 2 and p[0] >= p[1] for p in probs)
+    ids = table.column("label_id").to_pylist()
+    assert [names[i] for i in ids] == table.column("label").to_pylist()
+
+
+def test_zero_shot_without_class_names_is_a_clear_error():
+    from workers.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="needs labels.class_names"):
+        ShardEmbedder(ClipSpec(model="shapes-clip"), LabelSpec(kind="zeroshot"), ComputeSpec())
