@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from workers.device import pick_batch_size, pick_device, pick_dtype
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_cpu_defaults():
+    cpu = torch.device("cpu")
+    assert pick_dtype(cpu, "auto") == torch.float32
+    assert pick_dtype(cpu, "bf16") == torch.bfloat16
+    assert pick_batch_size(cpu, None) == 32 and pick_batch_size(cpu, 7) == 7
+    assert pick_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_asking_for_cuda_without_a_gpu_is_an_error():
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        pick_device("cuda")
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_defaults_and_autocast_embedding(tmp_path):
+    from workers.config import ClipSpec, ComputeSpec, LabelSpec
+    from workers.embed import ShardEmbedder
+    from workers.synthetic import write_shards
+
+    gpu = pick_device("auto")
+    assert gpu.type == "cuda" and pick_batch_size(gpu, None) == 256
+    assert pick_dtype(gpu, "auto") in (torch.bfloat16, torch.float16)
+    shard = write_shards(tmp_path / "d", 1, 40, seed=1)[0]
+    embedder = ShardEmbedder(ClipSpec(model="shapes-clip"), LabelSpec(kind="vit", model="shapes-vit"), ComputeSpec())
+    stats = embedder.process(str(shard), str(tmp_path / "out"))
+    assert embedder.describe()["device"].startswith("cuda") and stats["rows"] == 40
