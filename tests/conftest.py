@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import io  # noqa: E402
 import random  # noqa: E402
+import socket  # noqa: E402
 import tarfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -44,22 +45,32 @@ def make_samples(n: int, seed: int, prefix: str) -> list[dict]:
     return [sample(rng, f"{prefix}{i:04d}", label_id=i % 24) for i in range(n)]
 
 
-@pytest.fixture
-def damaged_shards(tmp_path: Path) -> dict:
-    """Four shards: one healthy, one with a corrupt JPEG and a caption-less sample, one zero-byte,
-    one truncated mid-way. Returns the folder and the expected counts."""
-    data = tmp_path / "data"
-    data.mkdir()
-    write_shards(data, shards=1, samples_per_shard=6, seed=3)  # 00000.tar: 6 good samples
-    planted = make_samples(6, seed=4, prefix="b")
+def write_damaged_shards(root: Path, seed: int = 3) -> dict:
+    """Four shards under root/data: 00000 healthy (6 samples); 00001 with a corrupt JPEG (b0001) and a
+    caption-less sample (b0002) among 6; 00002 zero bytes; 00003 a tar cut in half."""
+    data = root / "data"
+    data.mkdir(parents=True)
+    write_shards(data, shards=1, samples_per_shard=6, seed=seed)
+    planted = make_samples(6, seed=seed + 1, prefix="b")
     planted[1]["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg"
     del planted[2]["txt"]
     planted[2]["json"] = b'{"url": "http://example.com/b0002.jpg", "status": "success"}'
     write_tar(data / "00001.tar", planted)
     (data / "00002.tar").write_bytes(b"")
-    full = write_tar(tmp_path / "full.tar", make_samples(8, seed=5, prefix="c")).read_bytes()
+    full = write_tar(root / "full.tar", make_samples(8, seed=seed + 2, prefix="c")).read_bytes()
     (data / "00003.tar").write_bytes(full[: len(full) // 2])
     return {"dir": data, "corrupt_key": "b0001", "no_caption_key": "b0002"}
+
+
+@pytest.fixture
+def damaged_shards(tmp_path: Path) -> dict:
+    return write_damaged_shards(tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,18 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 from workers.synthetic import write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent
 CONFIG = "clip: {model: shapes-clip}\nlabels: {kind: vit, model: shapes-vit}\nray: {num_cpus: 2, num_actors: 1}\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -22,20 +22,10 @@ def _config(data, out):
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, prefect_server):
-    from tests.conftest import make_samples, write_tar
-    from workers.synthetic import write_shards
+    from tests.conftest import write_damaged_shards
 
     root = tmp_path_factory.mktemp("pipe")
-    data = root / "data"
-    write_shards(data, shards=1, samples_per_shard=8, seed=21)
-    planted = make_samples(6, seed=22, prefix="b")
-    planted[1]["jpg"] = b"\xff\xd8\xff\xe0 not a jpeg"
-    del planted[2]["txt"]
-    planted[2]["json"] = b'{"status": "success"}'
-    write_tar(data / "00001.tar", planted)
-    (data / "00002.tar").write_bytes(b"")
-    full = write_tar(root / "full.tar", make_samples(8, seed=23, prefix="c")).read_bytes()
-    (data / "00003.tar").write_bytes(full[: len(full) // 2])
+    data = write_damaged_shards(root, seed=21)["dir"]
     cfg = _config(data, root / "out")
     return cfg, pipeline(cfg.model_dump())
 
@@ -61,8 +51,8 @@ def test_damage_is_recorded(first_run):
     cfg, summary = first_run
     errors = pq.read_table(f"{cfg.output}/errors/00001.parquet").to_pylist()
     assert [(e["key"], e["stage"]) for e in errors] == [("b0001", "decode")]
-    no_caption = pq.read_table(f"{cfg.output}/embeddings/00001.parquet").to_pylist()[2]
-    assert no_caption["key"] == "b0002" and no_caption["caption"] is None
+    rows = {r["key"]: r for r in pq.read_table(f"{cfg.output}/embeddings/00001.parquet").to_pylist()}
+    assert "b0001" not in rows and rows["b0002"]["caption"] is None and rows["b0002"]["text_embedding"] is None
     assert summary["shard_problems"]["00002"] == "empty shard (no tar members)"
     assert summary["shard_problems"]["00003"].startswith("truncated shard")
 

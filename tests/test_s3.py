@@ -1,17 +1,12 @@
 """Object storage for real: shards and every output on an S3-compatible server (moto) on loopback."""
 
 import os
-import socket
 
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
