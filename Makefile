@@ -10,7 +10,10 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: setup demo test test-fast bench clean
 
+# The web-page test drives Debian's headless Chromium; install it when missing (as root, e.g. in CI).
 setup: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium not installed: the web page test will be skipped"
 
 # Idempotent: the venv is created when missing and re-installed only when pyproject.toml changes.
 $(STAMP): pyproject.toml

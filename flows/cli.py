@@ -17,6 +17,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from workers.config import CONFIG_DIR, load_config, with_ray_address  # noqa: E402
+from flows.index_cli import index_app  # noqa: E402
 from flows.report_cli import report  # noqa: E402
 from workers.errors import ShardlightError  # noqa: E402
 
@@ -105,7 +106,7 @@ def _print_summary(s: dict) -> None:
 @app.command()
 def index(
     out: str = typer.Argument(..., help="Output folder of a run."),
-    factory: str = typer.Option("Flat", help="FAISS index_factory string."),
+    factory: str = typer.Option("Flat", help="FAISS index_factory string, or 'auto' (chosen by size and memory)."),
 ) -> None:
     """Rebuild the FAISS index from the embeddings Parquet files."""
     from index.build import build_index
@@ -198,6 +199,9 @@ def demo(
     first = searcher.keys[0]
     _print_hits(f"more like {first}", searcher.search(key=first, k=k))
     console.print(f"outputs in {cfg.output}; try: shardlight query {cfg.output} \"a purple square\"")
+
+
+app.registered_commands += index_app.registered_commands
 
 
 def main() -> None:

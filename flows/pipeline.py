@@ -27,7 +27,8 @@ from tqdm import tqdm  # noqa: E402
 from flows.lease import OutputLease  # noqa: E402
 from flows.report import build_report  # noqa: E402
 from flows.report_summary import collect_summary, summary_markdown  # noqa: E402
-from index.build import build_index, embedding_files, fingerprint, read_meta  # noqa: E402
+from index.build import build_index, embedding_files, is_current, read_meta  # noqa: E402
+from index.update import update_index  # noqa: E402
 from workers.config import RunConfig, parse_config  # noqa: E402
 from workers.embed import shard_done  # noqa: E402
 from workers.errors import InputError, ShardlightError  # noqa: E402
@@ -102,17 +103,19 @@ def embed_stage(cfg: RunConfig, todo: list[str]) -> dict:
 
 @task(name="build-index", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
 def index_stage(cfg: RunConfig) -> dict:
-    """(Re)build the FAISS index when the embeddings changed since the last build."""
+    """Bring the FAISS index up to date: nothing when current, add new shards in place, else build."""
+    if is_current(cfg.output, cfg.index.factory):
+        meta = read_meta(cfg.output)
+        log.info("index is up to date (%d vectors)", meta["count"])
+        return {**meta, "update": {"mode": "unchanged", "added": 0}}
+    build = {"train_sample": cfg.index.train_sample, "nprobe": cfg.index.nprobe, "model": cfg.clip.model_dump()}
     previous = read_meta(cfg.output, missing_ok=True)
-    files = embedding_files(cfg.output)
-    if previous and files and previous.get("fingerprint") == fingerprint(files) \
-            and previous.get("factory") == cfg.index.factory:
-        log.info("index is up to date (%d vectors); not rebuilt", previous["count"])
-        return {**previous, "rebuilt": False}
-    meta = build_index(cfg.output, cfg.index.factory, cfg.index.train_sample, cfg.index.nprobe,
-                       model=cfg.clip.model_dump())
-    log.info("index built: %d vectors, %s, %.1fs", meta["count"], meta["factory"], meta["build_seconds"])
-    return {**meta, "rebuilt": True}
+    if previous and cfg.index.factory in (previous.get("requested_factory"), previous.get("factory")):
+        meta = update_index(cfg.output, factory=cfg.index.factory, **build)  # same quantizer, new rows added
+    else:
+        meta = {**build_index(cfg.output, cfg.index.factory, **build), "update": {"mode": "built"}}
+    log.info("index %s: %d vectors (%s)", meta["update"]["mode"], meta["count"], meta["factory"])
+    return meta
 
 
 def _versions() -> dict:
@@ -151,7 +154,8 @@ def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None) ->
         "new_rows": new_rows,
         "images_per_s": round(new_rows / embedded["seconds"], 2) if embedded["seconds"] else None,
         "worker": embedded["worker"],
-        "index": None if index is None else {k: index[k] for k in ("count", "factory", "fingerprint", "rebuilt")},
+        "index": None if index is None else {"count": index["count"], "factory": index["factory"],
+                                             "fingerprint": index["fingerprint"], "update": index["update"]["mode"]},
     }
 
 

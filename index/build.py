@@ -1,144 +1,176 @@
 """Build a FAISS inner-product index over the image embeddings, streaming over the Parquet files.
 
-Layout under OUT/index/: `meta.json` names the current index and id-map files (written last, so a
-reader always sees a complete build), `image.<build>.faiss`, and `ids.<build>.parquet` mapping each
-FAISS id to (`shard`, `row`, `key`). The index is derived data: it can always be rebuilt from Parquet.
+    >>> from index.build import build_index
+    >>> build_index("out", factory="auto")          # type chosen from size and memory, nprobe tuned
+    >>> build_index("out", factory="IVF1024,Flat")  # an explicit FAISS factory string
+
+Two passes over OUT/embeddings: one draws the training sample and held-out queries, one adds every
+vector in batches while computing the queries' exact neighbours. Memory is the index itself plus one
+batch. The index is derived data: it can always be rebuilt from Parquet (see index/store.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import time
 from datetime import datetime, timezone
-from typing import Iterator
 
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from index.choose import IndexPlan, choose_index, tune_parameter
+from index.store import INDEX_DIR, META, load_index, read_meta, save  # noqa: F401  (re-exported)
+from index.tune import ExactTopK, tune
+from index.vectors import (  # noqa: F401  (embedding_files, fingerprint: re-exported for flows/)
+    dimension, embedding_files, file_name, fingerprint, index_files, iter_vectors, num_rows, sample, signature,
+)
 from workers.errors import IndexStateError
-from workers.schema import write_table
-from workers.storage import filesystem, join, open_read, read_bytes, write_atomic
+from workers.storage import join
 
-INDEX_DIR = "index"
-META = "meta.json"
+log = logging.getLogger("shardlight")
 
-
-def embedding_files(out: str) -> list[str]:
-    fs, path = filesystem(join(out, "embeddings"))
-    if not fs.exists(path):
-        return []
-    protocol = "" if "://" not in out else out.split("://", 1)[0] + "://"
-    return sorted(protocol + p for p in fs.glob(f"{path}/*.parquet"))
+RECALL_K = 10  # recall@10 is the tuning target's measure
 
 
-def num_rows(url: str) -> int:
-    with open_read(url) as f:
-        return pq.ParquetFile(f).metadata.num_rows
+def gpu_count() -> int:
+    """GPUs FAISS can use (0 with faiss-cpu)."""
+    try:
+        return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
+    except Exception:  # a CUDA build without a usable driver
+        return 0
 
 
-def fingerprint(files: list[str]) -> str:
-    """Identifies the input of a build: each embeddings file's name, size and row count."""
-    h = hashlib.sha256()
-    for url in files:
-        fs, path = filesystem(url)
-        h.update(f"{path.rsplit('/', 1)[-1]}:{fs.size(path)}:{num_rows(url)}\n".encode())
-    return h.hexdigest()[:16]
+def new_index(dim: int, factory: str) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise IndexStateError(f"bad FAISS factory string {factory!r}: {str(err).strip().splitlines()[-1]}") from None
 
 
-def iter_vectors(files: list[str], batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, pa.Table]]:
-    """Yield (vectors, id columns) batches; memory stays bounded by `batch_rows`."""
-    for url in files:
-        with open_read(url) as f:
-            pf = pq.ParquetFile(f)
-            row = 0
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=["key", "shard", "image_embedding"]):
-                emb = batch.column("image_embedding")
-                dim = emb.type.list_size
-                vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-                ids = pa.table({"shard": batch.column("shard"), "row": pa.array(np.arange(row, row + len(batch)),
-                               pa.int64()), "key": batch.column("key")})
-                row += len(batch)
-                yield vectors, ids
+def _ivf(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
 
 
-def _dimension(files: list[str]) -> int:
-    with open_read(files[0]) as f:
-        return pq.ParquetFile(f).schema_arrow.field("image_embedding").type.list_size
+def train(index: faiss.Index, vectors: np.ndarray) -> None:
+    """Train quantizers; k-means runs on the GPU when there is one (the add stays on the CPU)."""
+    if index.is_trained:
+        return
+    ivf = _ivf(index)
+    if ivf is not None and gpu_count() > 0:
+        try:
+            flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(flat)
+            log.info("training the coarse quantizer on %d GPU(s)", gpu_count())
+        except RuntimeError as err:  # GPU FAISS present but unusable: the CPU path always works
+            log.warning("GPU training unavailable (%s); training on CPU", str(err).splitlines()[0])
+    if len(vectors) == 0:
+        raise IndexStateError("no vectors to train the index on")
+    index.train(vectors)
+    if ivf is not None:
+        ivf.clustering_index = None
 
 
-def _training_sample(files: list[str], size: int) -> np.ndarray:
-    """Every n-th vector across the data set, so the sample covers all shards."""
-    total = sum(num_rows(u) for u in files)
-    stride = max(1, total // size)
-    picked = [v[::stride] for v, _ in iter_vectors(files)]
-    return np.concatenate(picked)[:size]
+def quantization_error(index: faiss.Index, vectors: np.ndarray) -> dict:
+    """Mean squared distance to the assigned IVF centroid, and the codec's reconstruction error."""
+    if len(vectors) == 0:
+        return {"coarse": 0.0, "codec": 0.0}
+    codec = float(((vectors - index.sa_decode(index.sa_encode(vectors))) ** 2).sum(1).mean()) \
+        if _supports_codec(index) else 0.0
+    ivf = _ivf(index)
+    if ivf is None:
+        return {"coarse": 0.0, "codec": round(codec, 6)}
+    x = vectors
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = index.chain.at(i).apply(x)
+    _, assigned = ivf.quantizer.search(x, 1)
+    centroids = ivf.quantizer.reconstruct_batch(assigned[:, 0])
+    coarse = float(((x - centroids) ** 2).sum(1).mean())
+    return {"coarse": round(coarse, 6), "codec": round(codec, 6)}
+
+
+def _supports_codec(index: faiss.Index) -> bool:
+    try:
+        index.sa_code_size()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _plan(factory: str, n: int, dim: int, memory_budget: int | None) -> IndexPlan:
+    if factory == "auto":
+        return choose_index(n, dim, memory_budget)
+    return IndexPlan(factory, "given", 0, tune_parameter(factory))
 
 
 def build_index(out: str, factory: str = "Flat", train_sample: int = 100_000, nprobe: int | None = None,
-                model: dict | None = None) -> dict:
-    """Build (or rebuild) OUT/index from OUT/embeddings and return its metadata."""
-    files = embedding_files(out)
-    if not files:
+                model: dict | None = None, *, memory_budget: int | None = None, recall_target: float = 0.95,
+                tune_queries: int = 500, seed: int = 0) -> dict:
+    """Build (or rebuild) OUT/index from OUT/embeddings (and OUT/augmented) and return its metadata.
+
+    Args:
+        out: the run's output folder or URL.
+        factory: a FAISS index_factory string, or "auto" to choose from size and `memory_budget`.
+        train_sample: vectors sampled to train quantizers (raised to what the IVF lists need).
+        nprobe: a fixed search breadth (nprobe, or efSearch for HNSW) instead of tuning one.
+        model: the CLIP spec that embedded the vectors, recorded for the searcher.
+        memory_budget: bytes the populated index may use (default: half the machine's memory).
+        recall_target: recall@10 vs exact search that tuning aims for.
+        tune_queries: held-out query vectors used to measure recall and latency.
+        seed: seed of the query sample.
+    """
+    files = index_files(out)
+    if not embedding_files(out):
         raise IndexStateError(f"no embeddings under {join(out, 'embeddings')}: run `shardlight run` first")
     start = time.perf_counter()
-    dim = _dimension(files)
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise IndexStateError(f"bad FAISS factory string {factory!r}: {str(err).strip().splitlines()[-1]}") from None
-    if not index.is_trained:
-        index.train(_training_sample(files, train_sample))
-    id_tables = []
+    dim, total = dimension(files), sum(num_rows(u) for u in files)
+    plan = _plan(factory, total, dim, memory_budget)
+    index = new_index(dim, plan.factory)
+    ivf = _ivf(index)
+    wanted = max(train_sample, min(total, ivf.nlist * 39)) if ivf is not None and factory == "auto" else train_sample
+    train_x, queries, query_ids = sample(files, 0 if index.is_trained else wanted, tune_queries, seed)
+    train(index, train_x)
+    trained_at = time.perf_counter()
+    exact = ExactTopK(queries, query_ids, min(RECALL_K, max(1, total - 1)))
+    id_tables, first = [], 0
     for vectors, ids in iter_vectors(files):
         index.add(vectors)
+        exact.update(vectors, first)
+        first += len(vectors)
         id_tables.append(ids)
-    if nprobe is not None and hasattr(index, "nprobe"):
-        faiss.extract_index_ivf(index).nprobe = nprobe
-    build = fingerprint(files)
-    meta = {
-        "count": int(index.ntotal), "dim": dim, "factory": factory, "metric": "inner_product",
-        "nprobe": nprobe, "model": model or {}, "fingerprint": build, "shards": len(files),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(time.perf_counter() - start, 3),
-        "files": {"index": f"image.{build}.faiss", "ids": f"ids.{build}.parquet"},
-    }
-    _save(out, index, pa.concat_tables(id_tables) if id_tables else None, meta)
+    added_at = time.perf_counter()
+    tuning = tune(index, plan.tune, queries, query_ids, exact.ids, recall_target, fixed=nprobe)
+    if tuning["param"] and not tuning.get("reached"):
+        log.warning("index %s reaches recall@%d %.3f, below the %.2f target", plan.factory, RECALL_K,
+                    tuning["recall_at_k"], recall_target)
+    meta = _meta(files, index, plan, factory, dim, model, tuning, quantization_error(index, queries))
+    meta["timings"] = {"train_s": round(trained_at - start, 3), "add_s": round(added_at - trained_at, 3),
+                       "tune_s": round(time.perf_counter() - added_at, 3)}
+    meta["build_seconds"] = round(time.perf_counter() - start, 3)
+    save(out, index, pa.concat_tables(id_tables), meta)
     return meta
 
 
-def _save(out: str, index, ids: pa.Table, meta: dict) -> None:
-    folder = join(out, INDEX_DIR)
-    previous = read_meta(out, missing_ok=True)
-    write_atomic(join(folder, meta["files"]["index"]), faiss.serialize_index(index).tobytes())
-    write_table(join(folder, meta["files"]["ids"]), ids)
-    write_atomic(join(folder, META), json.dumps(meta, indent=2).encode())
-    if previous and previous.get("files") != meta["files"]:
-        fs, _ = filesystem(folder)
-        for name in previous.get("files", {}).values():
-            old = filesystem(join(folder, name))[1]
-            if fs.exists(old):
-                fs.rm(old)
+def is_current(out: str, factory: str | None = None) -> bool:
+    """Whether OUT/index covers exactly the current Parquet files (and was asked for as `factory`)."""
+    meta = read_meta(out, missing_ok=True)
+    if not meta or meta.get("fingerprint") != fingerprint(index_files(out)):
+        return False
+    return factory is None or factory in (meta.get("requested_factory"), meta.get("factory"))
 
 
-def read_meta(out: str, missing_ok: bool = False) -> dict | None:
-    url = join(out, INDEX_DIR, META)
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        if missing_ok:
-            return None
-        raise IndexStateError(f"no index at {join(out, INDEX_DIR)}: run `shardlight index {out}` (or `shardlight run`)")
-    return json.loads(read_bytes(url))
-
-
-def load_index(out: str) -> tuple[faiss.Index, pa.Table, dict]:
-    meta = read_meta(out)
-    folder = join(out, INDEX_DIR)
-    index = faiss.deserialize_index(np.frombuffer(read_bytes(join(folder, meta["files"]["index"])), np.uint8))
-    with open_read(join(folder, meta["files"]["ids"])) as f:
-        ids = pq.read_table(f)
-    if index.ntotal != meta["count"] or ids.num_rows != meta["count"]:
-        raise IndexStateError(f"index under {folder} is inconsistent; rebuild it with `shardlight index {out}`")
-    return index, ids, meta
+def _meta(files: list[str], index: faiss.Index, plan: IndexPlan, requested: str, dim: int, model: dict | None,
+          tuning: dict, error: dict) -> dict:
+    build = fingerprint(files)
+    return {
+        "count": int(index.ntotal), "dim": dim, "factory": plan.factory, "requested_factory": requested,
+        "choice": plan.to_dict(), "metric": "inner_product", "nprobe": tuning.get("value"),
+        "tuning": tuning, "quantization_error": error, "model": model or {}, "fingerprint": build,
+        "shards": len(files), "inputs": [signature(u) for u in files],
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": {"index": f"image.{build}.faiss", "ids": f"ids.{build}.parquet"},
+    }

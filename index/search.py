@@ -1,28 +1,39 @@
 """Search the index by text, image, vector or an existing key, returning rows with their metadata.
 
     >>> from index.search import Searcher
-    >>> Searcher("out").search(text="a red circle", k=5)
+    >>> Searcher("out").search(text="a red circle", k=5, label="red circle", synthetic=False)
+
+Filters are applied inside FAISS (an id selector), so a rare label still gets its k best matches
+among the vectors the index visits, instead of whatever survives from an unfiltered top-k.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import threading
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from index.build import load_index
+from index.store import load_index
 from workers.config import ClipSpec
-from workers.schema import embeddings_path, run_record_path
 from workers.errors import IndexStateError, InputError
-from workers.storage import exists, open_read, read_bytes
+from workers.schema import run_record_path
+from workers.storage import exists, join, open_read, read_bytes
 
 RESULT_COLUMNS = ["key", "caption", "label", "label_prob", "url", "clip_score"]
+
+
+class KeyNotFound(InputError):
+    """A key that is not in the index (HTTP 404)."""
 
 
 @dataclass
@@ -36,9 +47,16 @@ class Hit:
     clip_score: float | None
     shard: str
     row: int
+    synthetic: bool = False  # a generated (augmented) image rather than an input sample
+    id: int = -1  # FAISS id, stable for one build of the index
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _columns_of(shard_url: str) -> list[str]:
+    with open_read(shard_url) as f:
+        return pq.ParquetFile(f).schema_arrow.names
 
 
 class Searcher:
@@ -50,28 +68,44 @@ class Searcher:
         self.shards = ids.column("shard").to_pylist()
         self.rows = ids.column("row").to_numpy()
         self.keys = ids.column("key").to_pylist()
+        sources = ids.column("source") if "source" in ids.column_names else pa.array(["embeddings"] * ids.num_rows)
+        parts = pc.dictionary_encode(pc.binary_join_element_wise(sources, ids.column("shard"), "/"))
+        if isinstance(parts, pa.ChunkedArray):
+            parts = parts.combine_chunks()
+        self.parts: list[str] = parts.dictionary.to_pylist()  # "embeddings/00000": one Parquet file each
+        self.part_of = parts.indices.to_numpy()  # FAISS id → index into self.parts
         self._id_of_key: dict[str, int] | None = None
         self._device = device
         self._clip = None
+        self._lock = threading.Lock()  # one CLIP forward pass at a time; FAISS searches run concurrently
+        self._filters: dict | None = None
+        self._reconstructs = False
         self._shard_columns = lru_cache(maxsize=64)(self._read_shard_columns)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
 
     @property
     def clip(self):
         """The CLIP embedder, built on first text or image query."""
-        if self._clip is None:
-            import torch
+        with self._lock:
+            if self._clip is None:
+                import torch
 
-            from workers.models import ClipEmbedder
+                from workers.models import ClipEmbedder
 
-            record = run_record_path(self.out)
-            if not exists(record):
-                raise IndexStateError(f"{record} is missing: cannot tell which CLIP model embedded this index")
-            spec = ClipSpec(**json.loads(read_bytes(record))["config"]["clip"])
-            self._clip = ClipEmbedder(spec, torch.device(self._device))
-        return self._clip
+                record = run_record_path(self.out)
+                if not exists(record):
+                    raise IndexStateError(f"{record} is missing: cannot tell which CLIP model embedded this index")
+                spec = ClipSpec(**json.loads(read_bytes(record))["config"]["clip"])
+                self._clip = ClipEmbedder(spec, torch.device(self._device))
+            return self._clip
 
     def embed_text(self, text: str) -> np.ndarray:
-        return self.clip.embed_texts([text])[0]
+        clip = self.clip
+        with self._lock:
+            return clip.embed_texts([text])[0]
 
     def embed_image(self, image: bytes | str | Path | Image.Image) -> np.ndarray:
         import torch
@@ -82,53 +116,191 @@ class Searcher:
                 image = Image.open(io.BytesIO(data))
                 image.load()
             except Exception as err:
-                raise InputError(f"cannot decode query image: {err}") from None
-        pixels = self.clip.preprocess(image.convert("RGB"))
-        return self.clip.embed_images(torch.stack([pixels]))[0]
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise InputError(f"cannot decode query image: {reason}") from None
+        clip = self.clip
+        pixels = clip.preprocess(image.convert("RGB"))
+        with self._lock:
+            return clip.embed_images(torch.stack([pixels]))[0]
 
-    def vector_of_key(self, key: str) -> np.ndarray:
+    def id_of_key(self, key: str) -> int:
         if self._id_of_key is None:
             self._id_of_key = {k: i for i, k in enumerate(self.keys)}
         if key not in self._id_of_key:
-            raise InputError(f"no sample with key {key!r} in the index")
-        i = self._id_of_key[key]
-        with open_read(embeddings_path(self.out, self.shards[i])) as f:
+            raise KeyNotFound(f"no sample with key {key!r} in the index")
+        return self._id_of_key[key]
+
+    def vector_of_key(self, key: str) -> np.ndarray:
+        i = self.id_of_key(key)
+        with open_read(self.part_url(int(self.part_of[i]))) as f:
             table = pq.read_table(f, columns=["image_embedding"])
         return np.asarray(table.column("image_embedding")[int(self.rows[i])].as_py(), np.float32)
 
-    def search(self, text: str | None = None, image=None, vector=None, key: str | None = None, k: int = 10,
-               label: str | None = None) -> list[Hit]:
-        """Nearest samples to exactly one of text, image, vector or key; `label` keeps only that label."""
+    def vector_of_id(self, i: int) -> np.ndarray:
+        """The stored vector of FAISS id `i` (as the index keeps it: exact unless compressed)."""
+        if not self._reconstructs:
+            with self._lock:
+                _enable_reconstruct(self.index)
+                self._reconstructs = True
+        return self.index.reconstruct(int(i))
+
+    def query_vector(self, text: str | None = None, image=None, vector=None, key: str | None = None) -> np.ndarray:
+        """The unit query vector for exactly one of text, image, vector or key."""
         given = [name for name, v in (("text", text), ("image", image), ("vector", vector), ("key", key))
                  if v is not None]
         if len(given) != 1:
-            raise InputError("give exactly one of text, image, vector or key")
+            raise InputError(f"give exactly one of text, image, vector or key (got {', '.join(given) or 'none'})")
         if text is not None:
-            query = self.embed_text(text)
-        elif image is not None:
-            query = self.embed_image(image)
-        elif key is not None:
-            query = self.vector_of_key(key)
-        else:
-            query = np.asarray(vector, np.float32).reshape(-1)
-            if query.shape[0] != self.meta["dim"]:
-                raise InputError(f"query vector has {query.shape[0]} dimensions, the index has {self.meta['dim']}")
-            query = query / max(np.linalg.norm(query), 1e-12)
-        fetch = min(self.index.ntotal, k if label is None else max(k * 10, 100))
-        scores, ids = self.index.search(query.reshape(1, -1).astype(np.float32), fetch)
-        hits = [self._hit(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        if label is not None:
-            hits = [h for h in hits if h.label == label]
-        return hits[:k]
+            return self.embed_text(text)
+        if image is not None:
+            return self.embed_image(image)
+        if key is not None:
+            return self.vector_of_key(key)
+        query = np.asarray(vector, np.float32).reshape(-1)
+        if query.shape[0] != self.meta["dim"]:
+            raise InputError(f"query vector has {query.shape[0]} dimensions, the index has {self.meta['dim']}")
+        if not np.all(np.isfinite(query)):
+            raise InputError("query vector has non-finite values")
+        return query / max(float(np.linalg.norm(query)), 1e-12)
 
-    def _read_shard_columns(self, shard: str) -> dict[str, list]:
-        with open_read(embeddings_path(self.out, shard)) as f:
-            table = pq.read_table(f, columns=RESULT_COLUMNS)
-        return {c: table.column(c).to_pylist() for c in RESULT_COLUMNS}
+    def search(self, text: str | None = None, image=None, vector=None, key: str | None = None, k: int = 10,
+               label: str | None = None, synthetic: bool | None = None) -> list[Hit]:
+        """Nearest samples to exactly one of text, image, vector or key.
+
+        Args:
+            k: number of results.
+            label: keep only rows with this label.
+            synthetic: True keeps only generated rows, False only input rows, None both.
+        """
+        query = self.query_vector(text=text, image=image, vector=vector, key=key)
+        scores, ids = self.neighbors(query, k, label=label, synthetic=synthetic)
+        return self.hits(ids, scores)
+
+    def neighbors(self, query: np.ndarray, k: int, label: str | None = None,
+                  synthetic: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the k nearest rows passing the filters, best first.
+
+        A selective filter can leave fewer than k matches among the lists (IVF) or graph nodes (HNSW)
+        a search visits; the search then widens (×4 nprobe / efSearch) until it has k or saw everything.
+        """
+        if k < 1:
+            raise InputError("k must be at least 1")
+        x = query.reshape(1, -1).astype(np.float32)
+        if label is None and synthetic is None:
+            scores, ids = self.index.search(x, min(k, self.size))
+        else:
+            mask = self._filter_mask(label, synthetic)
+            want = min(k, int(mask.sum()))
+            if want == 0:
+                return np.zeros(0, np.float32), np.zeros(0, np.int64)
+            params = _FilteredSearch(self.index, mask)
+            while True:
+                scores, ids = self.index.search(x, want, params=params.params)
+                if (ids[0] >= 0).sum() >= want or not params.widen():
+                    break
+        keep = ids[0] >= 0
+        return scores[0][keep], ids[0][keep]
+
+    def hits(self, ids, scores) -> list[Hit]:
+        return [self._hit(int(i), float(s)) for i, s in zip(ids, scores)]
+
+    def _filter_mask(self, label: str | None, synthetic: bool | None) -> np.ndarray:
+        cols = self._filter_columns()
+        mask = np.ones(self.size, bool)
+        if label is not None:
+            code = cols["label_names"].get(label)
+            mask &= cols["label_codes"] == (code if code is not None else -2)
+        if synthetic is not None:
+            mask &= cols["synthetic"] == bool(synthetic)
+        return mask
+
+    def _filter_columns(self) -> dict:
+        """Label and synthetic flag of every FAISS id, read once (label as dictionary codes)."""
+        if self._filters is None:
+            labels = np.full(self.size, -1, np.int32)
+            synthetic = np.zeros(self.size, bool)
+            names: dict[str, int] = {}
+            for part in range(len(self.parts)):
+                ids = np.flatnonzero(self.part_of == part)
+                url = self.part_url(part)
+                wanted = ["label"] + (["synthetic"] if "synthetic" in _columns_of(url) else [])
+                with open_read(url) as f:
+                    table = pq.read_table(f, columns=wanted).take(pa.array(self.rows[ids]))
+                for value, where in _group(table.column("label").to_pylist()):
+                    if value is not None:
+                        labels[ids[where]] = names.setdefault(value, len(names))
+                if "synthetic" in wanted:
+                    synthetic[ids] = table.column("synthetic").fill_null(False).to_numpy(zero_copy_only=False)
+            self._filters = {"label_codes": labels, "label_names": names, "synthetic": synthetic}
+        return self._filters
+
+    def labels(self) -> list[str]:
+        return sorted(self._filter_columns()["label_names"])
+
+    def part_url(self, part: int) -> str:
+        """The Parquet file of one part: OUT/<source>/<shard>.parquet."""
+        source, shard = self.parts[part].split("/", 1)
+        return join(self.out, source, f"{shard}.parquet")
+
+    def _read_shard_columns(self, part: int) -> dict[str, list]:
+        url = self.part_url(part)
+        wanted = RESULT_COLUMNS + (["synthetic"] if "synthetic" in _columns_of(url) else [])
+        with open_read(url) as f:
+            table = pq.read_table(f, columns=wanted)
+        return {c: table.column(c).to_pylist() for c in wanted}
 
     def _hit(self, i: int, score: float) -> Hit:
         shard, row = self.shards[i], int(self.rows[i])
-        cols = self._shard_columns(shard)
+        cols = self._shard_columns(int(self.part_of[i]))
+        synthetic = bool(cols["synthetic"][row]) if "synthetic" in cols else False
         return Hit(key=cols["key"][row], score=score, caption=cols["caption"][row], label=cols["label"][row],
                    label_prob=cols["label_prob"][row], url=cols["url"][row], clip_score=cols["clip_score"][row],
-                   shard=shard, row=row)
+                   shard=shard, row=row, synthetic=synthetic, id=i)
+
+
+def _enable_reconstruct(index: faiss.Index) -> None:
+    """IVF indexes reconstruct by id only with a direct map (8 bytes per vector)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return
+    if ivf.direct_map.no():
+        ivf.make_direct_map()
+
+
+def _group(values: list) -> list[tuple[object, np.ndarray]]:
+    """(value, positions) for each distinct value."""
+    arr = pa.array(values)
+    encoded = pc.dictionary_encode(arr)
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    return [(v, np.flatnonzero(codes == c)) for c, v in enumerate(encoded.dictionary.to_pylist())]
+
+
+class _FilteredSearch:
+    """FAISS search parameters restricted to `mask`, keeping (and able to widen) nprobe/efSearch."""
+
+    def __init__(self, index: faiss.Index, mask: np.ndarray):
+        self.bits = np.packbits(mask, bitorder="little")  # the selector reads this buffer: keep it alive
+        self.selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(self.bits))
+        self.size = len(mask)
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+        self.ivf = inner if isinstance(inner, faiss.IndexIVF) else None
+        if self.ivf is not None:
+            self.inner = faiss.SearchParametersIVF(sel=self.selector, nprobe=self.ivf.nprobe)
+        elif isinstance(inner, faiss.IndexHNSW):
+            self.inner = faiss.SearchParametersHNSW(sel=self.selector, efSearch=inner.hnsw.efSearch)
+        else:
+            self.inner = faiss.SearchParameters(sel=self.selector)
+        self.params = self.inner
+        if inner is not index:
+            self.params = faiss.SearchParametersPreTransform(index_params=self.inner)
+
+    def widen(self) -> bool:
+        """Search more lists / graph nodes; False when the search already covers everything."""
+        if isinstance(self.inner, faiss.SearchParametersIVF) and self.inner.nprobe < self.ivf.nlist:
+            self.inner.nprobe = min(self.ivf.nlist, self.inner.nprobe * 4)
+            return True
+        if isinstance(self.inner, faiss.SearchParametersHNSW) and self.inner.efSearch < self.size:
+            self.inner.efSearch = min(self.size, self.inner.efSearch * 4)
+            return True
+        return False

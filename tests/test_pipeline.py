@@ -80,6 +80,6 @@ def test_second_run_does_no_work(first_run):
     before = {p: p.stat().st_mtime_ns for p in Path(cfg.output).rglob("*.parquet")}
     again = pipeline(cfg.model_dump())
     assert again["processed"] == 0 and again["skipped"] == 4
-    assert again["rows"] == first["rows"] and again["index"]["rebuilt"] is False
+    assert again["rows"] == first["rows"] and again["index"]["update"] == "unchanged"
     after = {p: p.stat().st_mtime_ns for p in Path(cfg.output).rglob("*.parquet")}
     assert before == after

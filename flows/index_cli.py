@@ -1,0 +1,73 @@
+"""`shardlight serve`, `shardlight dedup` and `shardlight index-update`: the index's commands.
+
+Registered on the main app in flows/cli.py with `app.registered_commands += index_app.registered_commands`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+index_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+
+
+@index_app.command()
+def serve(
+    out: str = typer.Argument(..., help="Output folder of a run (with OUT/index)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(1234, min=1, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SHARDLIGHT_API_KEY",
+                                          help="Require this key in the X-API-Key header (or $SHARDLIGHT_API_KEY)."),
+    name: Optional[str] = typer.Option(None, help="Index name for clip-retrieval clients (default: OUT's name)."),
+    max_k: int = typer.Option(1000, min=1, help="Most results one query may ask for."),
+) -> None:
+    """Serve the index over HTTP: web page at /, JSON at /search, clip-retrieval's /knn-service, docs at /docs."""
+    from index.http_common import Limits
+    from index.server import serve as run_server
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    needs_key = " — API key required" if api_key else ""
+    console.print(f"serving {out} on http://{host}:{port}/ (API docs at /docs){needs_key}")
+    run_server(out, host=host, port=port, api_key=api_key, index_name=name, limits=Limits(max_k=max_k))
+
+
+@index_app.command()
+def dedup(
+    out: str = typer.Argument(..., help="Output folder of a run (with OUT/index)."),
+    threshold: float = typer.Option(0.95, "--threshold", "-t", min=-1.0, max=1.0,
+                                    help="Cosine similarity at or above which two images are near-duplicates."),
+    neighbors: int = typer.Option(16, min=1, help="Nearest rows examined per image."),
+) -> None:
+    """Find groups of near-duplicate images and write them to OUT/dedup/duplicates.parquet."""
+    from index.dedup import dedup as find_duplicates
+
+    summary = find_duplicates(out, threshold=threshold, neighbors=neighbors)
+    console.print(f"{summary['groups']} group(s), {summary['duplicates']} duplicate(s) among {summary['rows']} "
+                  f"images at similarity ≥ {threshold}: {summary['path']}")
+
+
+@index_app.command("index-update")
+def index_update(
+    out: str = typer.Argument(..., help="Output folder of a run."),
+    rebuild_on_drift: bool = typer.Option(False, help="Rebuild instead of adding when the new data has drifted."),
+    as_json: bool = typer.Option(False, "--json", help="Print the index metadata as JSON."),
+) -> None:
+    """Add new shards' embeddings to the index without retraining it (rebuilds when shards changed)."""
+    from index.update import update_index
+
+    meta = update_index(out, rebuild_on_drift=rebuild_on_drift)
+    if as_json:
+        print(json.dumps(meta, indent=2))
+        return
+    update, drift = meta["update"], meta.get("drift") or {}
+    console.print(f"index {update['mode']}: {meta['count']} vectors ({meta['factory']})"
+                  + (f", +{update['added']}" if update.get("added") else "")
+                  + (f" — {update['reason']}" if update.get("reason") else ""))
+    if drift.get("rebuild_recommended") and update["mode"] == "added":
+        console.print(f"[yellow]new data fits the quantizer {drift['ratio']:.2f}× worse than at build time; "
+                      f"consider `shardlight index-update {out} --rebuild-on-drift`[/]")

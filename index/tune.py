@@ -1,0 +1,103 @@
+"""Measure recall@k against exact search and tune `nprobe`/`efSearch` to reach a recall target.
+
+Queries are vectors sampled from the data set; each query's own row is left out of both the exact and
+the approximate answer, so a query never "finds itself" and recall is that of a held-out query.
+"""
+
+from __future__ import annotations
+
+import time
+
+import faiss
+import numpy as np
+
+CANDIDATES = {
+    "nprobe": (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096),
+    "efSearch": (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024),
+}
+
+
+class ExactTopK:
+    """Running exact top-k (inner product) of fixed queries over vectors seen in batches."""
+
+    def __init__(self, queries: np.ndarray, query_ids: np.ndarray, k: int):
+        self.queries, self.query_ids, self.k = queries, query_ids, k
+        self.scores = np.full((len(queries), k), -np.inf, np.float32)
+        self.ids = np.full((len(queries), k), -1, np.int64)
+
+    def update(self, vectors: np.ndarray, first_id: int, chunk: int = 8192) -> None:
+        for start in range(0, len(vectors), chunk):
+            self._update(vectors[start:start + chunk], first_id + start)
+
+    def _update(self, vectors: np.ndarray, first_id: int) -> None:
+        sims = self.queries @ vectors.T
+        ids = np.arange(first_id, first_id + len(vectors))
+        inside = np.flatnonzero((self.query_ids >= first_id) & (self.query_ids < first_id + len(vectors)))
+        sims[inside, self.query_ids[inside] - first_id] = -np.inf  # held out: a query is not its own neighbour
+        all_scores = np.concatenate([self.scores, sims], axis=1)
+        all_ids = np.concatenate([self.ids, np.broadcast_to(ids, sims.shape)], axis=1)
+        keep = np.argpartition(-all_scores, self.k - 1, axis=1)[:, : self.k]
+        self.scores = np.take_along_axis(all_scores, keep, axis=1)
+        self.ids = np.take_along_axis(all_ids, keep, axis=1)
+
+
+def set_search_parameter(index: faiss.Index, name: str | None, value: int | None) -> None:
+    if name and value is not None:
+        faiss.ParameterSpace().set_index_parameter(index, name, int(value))
+
+
+def search_held_out(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+    """Top-k ids for each query with the query's own id removed."""
+    _, found = index.search(queries, k + 1)
+    out = np.full((len(queries), k), -1, np.int64)
+    for i, row in enumerate(found):
+        row = row[row != query_ids[i]][:k]
+        out[i, : len(row)] = row
+    return out
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of the exact top-k found by the approximate search."""
+    hits = sum(len(np.intersect1d(f[f >= 0], t[t >= 0])) for f, t in zip(found, truth))
+    return hits / max(1, int((truth >= 0).sum()))
+
+
+def measure(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray) -> dict:
+    """Recall@k, batch queries/s and single-query latency at the index's current parameters."""
+    k = truth.shape[1]
+    start = time.perf_counter()
+    found = search_held_out(index, queries, query_ids, k)
+    seconds = time.perf_counter() - start
+    single = []
+    for q in queries[: min(50, len(queries))]:
+        t = time.perf_counter()
+        index.search(q[None, :], k)
+        single.append(time.perf_counter() - t)
+    return {"recall_at_k": round(recall_at_k(found, truth), 4), "qps": round(len(queries) / seconds, 1),
+            "latency_ms_p50": round(float(np.median(single)) * 1e3, 3)}
+
+
+def _limit(index: faiss.Index, name: str) -> int:
+    if name == "nprobe":
+        return faiss.extract_index_ivf(index).nlist
+    return 1 << 14
+
+
+def tune(index: faiss.Index, name: str | None, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
+         target: float = 0.95, fixed: int | None = None) -> dict:
+    """Smallest value of `name` whose recall reaches `target` (or the `fixed` value), measured."""
+    if name is None:
+        return {"param": None, "value": None, "target_recall": target, **measure(index, queries, query_ids, truth),
+                "queries": len(queries), "k": truth.shape[1]}
+    values = [fixed] if fixed is not None else [v for v in CANDIDATES[name] if v <= _limit(index, name)]
+    curve = []
+    for value in values:
+        set_search_parameter(index, name, value)
+        result = {"value": value, **measure(index, queries, query_ids, truth)}
+        curve.append(result)
+        if result["recall_at_k"] >= target:
+            break
+    best = next((c for c in curve if c["recall_at_k"] >= target), curve[-1])
+    set_search_parameter(index, name, best["value"])
+    return {"param": name, "target_recall": target, **best, "reached": best["recall_at_k"] >= target,
+            "queries": len(queries), "k": truth.shape[1], "curve": curve}

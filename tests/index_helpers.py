@@ -1,0 +1,96 @@
+"""Test data for the index tests: synthetic vectors in the real Parquet schema, and a small real run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from workers.schema import STATS_KEY, embeddings_table, run_record_path, write_table  # noqa: E402
+
+
+def clustered(n: int, dim: int = 32, clusters: int = 20, spread: float = 0.25, seed: int = 0) -> np.ndarray:
+    """Unit vectors around random cluster centres: the shape of real embedding sets."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_shard(out: str | Path, shard: str, vectors: np.ndarray, labels: list[str] | None = None,
+                synthetic: list[bool] | None = None, folder: str = "embeddings", key_prefix: str | None = None,
+                tar: tuple[str, list[int], list[int]] | None = None) -> list[str]:
+    """One OUT/<folder>/<shard>.parquet in the pipeline's schema; returns the keys.
+
+    `tar` is (source tar url, offsets, sizes) of each row's image member.
+    """
+    n, dim = vectors.shape
+    keys = [f"{key_prefix or shard}_{i:06d}" for i in range(n)]
+    labels = labels or ["red circle" if i % 2 else "blue square" for i in range(n)]
+    metas = [{} if synthetic is None else {"synthetic": bool(synthetic[i])} for i in range(n)]
+    url, offsets, sizes = tar or (None, [None] * n, [None] * n)
+    cols = {
+        "key": keys, "shard": [shard] * n, "caption": [f"caption of {k}" for k in keys],
+        "url": [f"http://example.com/{k}.jpg" for k in keys], "width": [64] * n, "height": [64] * n,
+        "image_format": ["jpg"] * n, "tar_offset": offsets, "tar_size": sizes,
+        "image_embedding": list(vectors), "text_embedding": list(vectors), "clip_score": [0.3] * n,
+        "label_id": [0] * n, "label": labels, "label_prob": [0.9] * n, "topk_ids": [[0]] * n,
+        "topk_probs": [[0.9]] * n, "meta": metas,
+    }
+    stats = {"shard": shard, "url": url, "rows": n}
+    path = Path(out) / folder / f"{shard}.parquet"
+    write_table(str(path), embeddings_table(cols, dim, 1), {STATS_KEY: json.dumps(stats).encode()})
+    return keys
+
+
+def make_real_run(root: Path, shards: int = 2, samples_per_shard: int = 24) -> Path:
+    """A real output folder: demo shards embedded by the (untrained) demo CLIP and ViT, plus its index."""
+    from index.build import build_index
+    from workers.config import ClipSpec, ComputeSpec, LabelSpec, RunConfig
+    from workers.embed import ShardEmbedder
+    from workers.storage import list_shards
+    from workers.synthetic import write_shards
+
+    data, out = root / "data", root / "out"
+    write_shards(data, shards, samples_per_shard, seed=7)
+    cfg = RunConfig(input=str(data), output=str(out), clip=ClipSpec(model="shapes-clip"),
+                    labels=LabelSpec(kind="vit", model="shapes-vit"), compute=ComputeSpec(device="cpu"))
+    embedder = ShardEmbedder(cfg.clip, cfg.labels, cfg.compute)
+    for url in list_shards(cfg.input):
+        embedder.process(url, str(out))
+    run_record = {"config": cfg.model_dump()}
+    Path(run_record_path(str(out))).write_text(json.dumps(run_record))
+    build_index(str(out), "Flat", model=cfg.clip.model_dump())
+    return out
+
+
+@contextlib.contextmanager
+def running_server(app, timeout: float = 30.0):
+    """Run `app` on a free loopback port with the real uvicorn server; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)

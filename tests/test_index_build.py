@@ -1,0 +1,241 @@
+"""Index type choice, recall tuning, incremental add, filters and dedup on synthetic vectors."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from index.build import build_index, gpu_count, load_index, read_meta
+from index.choose import FLAT_MAX_CELLS, choose_index, num_lists
+from index.dedup import components, dedup
+from index.search import Searcher
+from index.tune import ExactTopK, recall_at_k
+from index.update import update_index
+from index_helpers import clustered, write_shard
+from workers.errors import IndexStateError
+
+DIM = 32
+
+
+def _keys_and_scores(out, queries, k=10):
+    s = Searcher(out)
+    return [[(h.key, round(h.score, 5)) for h in s.search(vector=q, k=k)] for q in queries]
+
+
+# --- choice ---------------------------------------------------------------------------------------------
+
+def test_small_sets_get_exact_flat():
+    assert choose_index(10_000, 512, 1 << 30).factory == "Flat"
+
+
+def test_medium_sets_get_ivf_flat_when_memory_allows():
+    plan = choose_index(1_000_000, 512, 16 << 30)
+    assert plan.factory == "IVF4096,Flat" and plan.tune == "nprobe"
+    assert plan.bytes_estimate >= 1_000_000 * 512 * 4
+
+
+def test_tight_budget_compresses_scalar_first_then_pq():
+    n, dim = 1_000_000, 512
+    assert choose_index(n, dim, 1 << 30).factory == "IVF4096,SQ8"  # 2 GiB uncompressed does not fit 1 GiB
+    pq_plan = choose_index(n, dim, 200 << 20)
+    assert pq_plan.factory.startswith("OPQ") and ",PQ" in pq_plan.factory
+    assert pq_plan.bytes_estimate <= 200 << 20
+    with pytest.raises(IndexStateError, match="cannot fit"):
+        choose_index(n, dim, 1 << 20)
+
+
+def test_very_many_lists_use_an_hnsw_quantizer():
+    assert choose_index(50_000_000, 512, 1 << 40).factory.startswith("IVF32768_HNSW32,")
+
+
+def test_num_lists_is_a_power_of_two_near_4_sqrt_n_with_enough_points():
+    assert num_lists(1_000_000) == 4096
+    assert num_lists(100_000) == 1024
+    assert num_lists(1_000) * 39 <= 1_000
+    assert FLAT_MAX_CELLS // 512 < 100_000  # 100k × 512-d is served by an approximate index
+
+
+# --- tuning ---------------------------------------------------------------------------------------------
+
+def test_exact_top_k_matches_brute_force_and_leaves_queries_out():
+    x = clustered(2000, DIM)
+    qids = np.array([3, 500, 1999])
+    exact = ExactTopK(x[qids], qids, 5)
+    for start in range(0, 2000, 300):
+        exact.update(x[start:start + 300], start)
+    sims = x[qids] @ x.T
+    sims[np.arange(3), qids] = -np.inf
+    truth = np.argsort(-sims, axis=1)[:, :5]
+    assert recall_at_k(exact.ids, truth) == 1.0
+    assert not np.isin(qids[:, None], exact.ids).any(axis=1).any()
+
+
+def test_build_tunes_nprobe_to_reach_the_recall_target(tmp_path):
+    for i in range(3):
+        write_shard(tmp_path, f"{i:05d}", clustered(2000, DIM, seed=i))
+    meta = build_index(str(tmp_path), "IVF64,Flat", recall_target=0.9, tune_queries=200)
+    tuning = meta["tuning"]
+    assert tuning["param"] == "nprobe" and tuning["reached"]
+    assert tuning["recall_at_k"] >= 0.9 and tuning["queries"] == 200
+    assert tuning["value"] == min(c["value"] for c in tuning["curve"] if c["recall_at_k"] >= 0.9)
+    assert tuning["qps"] > 0 and tuning["latency_ms_p50"] > 0
+    index, _, _ = load_index(str(tmp_path))
+    assert faiss.extract_index_ivf(index).nprobe == tuning["value"]  # applied when the index is loaded
+    on_disk = json.loads((tmp_path / "index" / "meta.json").read_text())
+    assert on_disk["nprobe"] == tuning["value"] and on_disk["count"] == 6000
+
+
+def test_auto_with_a_tight_budget_builds_sq8_and_still_reaches_the_target(tmp_path):
+    write_shard(tmp_path, "00000", clustered(6000, DIM))
+    meta = build_index(str(tmp_path), "auto", memory_budget=400_000, recall_target=0.95, tune_queries=200)
+    assert meta["factory"].endswith(",SQ8") and meta["requested_factory"] == "auto"
+    assert meta["tuning"]["recall_at_k"] >= 0.95
+    assert meta["choice"]["bytes_estimate"] <= 400_000
+
+
+def test_explicit_nprobe_is_kept_and_measured(tmp_path):
+    write_shard(tmp_path, "00000", clustered(3000, DIM))
+    meta = build_index(str(tmp_path), "IVF32,Flat", nprobe=32, tune_queries=100)
+    assert meta["nprobe"] == 32 and meta["tuning"]["recall_at_k"] == 1.0  # every list probed: exact
+
+
+def test_bad_factory_is_one_clear_error(tmp_path):
+    write_shard(tmp_path, "00000", clustered(100, DIM))
+    with pytest.raises(IndexStateError, match="bad FAISS factory"):
+        build_index(str(tmp_path), "NoSuchIndex")
+
+
+# --- incremental ----------------------------------------------------------------------------------------
+
+def test_incremental_flat_answers_exactly_like_a_rebuild(tmp_path):
+    inc, full = tmp_path / "inc", tmp_path / "full"
+    parts = [clustered(500, DIM, seed=s) for s in range(3)]
+    for out in (inc, full):
+        write_shard(out, "00000", parts[0])
+        write_shard(out, "00001", parts[1])
+    build_index(str(inc), "Flat")
+    for out in (inc, full):
+        write_shard(out, "00002", parts[2])
+    meta = update_index(str(inc))
+    build_index(str(full), "Flat")
+    assert meta["update"] == {"mode": "added", "added": 500, "shards": 1}
+    assert meta["fingerprint"] == read_meta(str(full))["fingerprint"]
+    queries = clustered(20, DIM, seed=9)
+    assert _keys_and_scores(str(inc), queries) == _keys_and_scores(str(full), queries)
+
+
+def test_incremental_ivf_keeps_the_trained_quantizer(tmp_path):
+    write_shard(tmp_path, "00000", clustered(3000, DIM, seed=1))
+    build_index(str(tmp_path), "IVF32,Flat", tune_queries=100)
+    before, _, _ = load_index(str(tmp_path))
+    centroids = faiss.extract_index_ivf(before).quantizer.reconstruct_n(0, 32)
+    write_shard(tmp_path, "00001", clustered(1000, DIM, seed=1))  # same distribution: no drift
+    meta = update_index(str(tmp_path))
+    after, ids, _ = load_index(str(tmp_path))
+    ivf = faiss.extract_index_ivf(after)
+    assert np.array_equal(ivf.quantizer.reconstruct_n(0, 32), centroids)
+    assert after.ntotal == ids.num_rows == 4000 and not meta["drift"]["drifted"]
+    # probing every list, the incremental index answers exactly like an exact rebuild over the same rows
+    ivf.nprobe = 32
+    exact = tmp_path / "exact"
+    write_shard(exact, "00000", clustered(3000, DIM, seed=1))
+    write_shard(exact, "00001", clustered(1000, DIM, seed=1))
+    build_index(str(exact), "Flat")
+    queries = clustered(10, DIM, seed=5)
+    got = after.search(queries, 10)[1]
+    want = load_index(str(exact))[0].search(queries, 10)[1]
+    assert np.array_equal(got, want)
+
+
+def test_drifted_data_is_flagged_and_rebuilt_on_request(tmp_path):
+    write_shard(tmp_path, "00000", clustered(3000, DIM, seed=1))
+    build_index(str(tmp_path), "IVF32,Flat", tune_queries=100)
+    write_shard(tmp_path, "00001", clustered(1000, DIM, seed=77, spread=0.05))  # new, unseen clusters
+    flagged = update_index(str(tmp_path))
+    assert flagged["drift"]["drifted"] and flagged["drift"]["ratio"] > 1.25
+    write_shard(tmp_path, "00002", clustered(1000, DIM, seed=78, spread=0.05))
+    rebuilt = update_index(str(tmp_path), rebuild_on_drift=True, tune_queries=100)
+    assert rebuilt["update"]["mode"] == "rebuilt" and rebuilt["count"] == 5000
+
+
+def test_a_rewritten_shard_forces_a_rebuild(tmp_path):
+    write_shard(tmp_path, "00000", clustered(300, DIM, seed=1))
+    build_index(str(tmp_path), "Flat")
+    write_shard(tmp_path, "00000", clustered(310, DIM, seed=2))
+    meta = update_index(str(tmp_path))
+    assert meta["update"]["mode"] == "rebuilt" and meta["count"] == 310
+    assert update_index(str(tmp_path))["update"]["mode"] == "unchanged"
+
+
+# --- filters --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW16", "PCA16,IVF8,SQ8"])
+def test_label_and_synthetic_filters_run_inside_the_index(tmp_path, factory):
+    n = 1000
+    labels = ["rare" if i % 100 == 0 else "common" for i in range(n)]
+    write_shard(tmp_path, "00000", clustered(n, DIM), labels=labels, synthetic=[i % 2 == 1 for i in range(n)])
+    build_index(str(tmp_path), factory, nprobe=8 if "IVF" in factory else None, tune_queries=50)
+    s = Searcher(str(tmp_path))
+    q = clustered(1, DIM, seed=3)[0]
+    rare = s.search(vector=q, k=10, label="rare")
+    assert len(rare) == 10 and {h.label for h in rare} == {"rare"}
+    synthetic = s.search(vector=q, k=20, synthetic=True)
+    assert len(synthetic) == 20 and all(h.synthetic for h in synthetic)
+    assert all(not h.synthetic for h in s.search(vector=q, k=20, synthetic=False))
+    assert s.search(vector=q, k=5, label="no such label") == []
+
+
+def test_missing_synthetic_column_means_not_synthetic(tmp_path):
+    write_shard(tmp_path, "00000", clustered(50, DIM))
+    build_index(str(tmp_path), "Flat")
+    s = Searcher(str(tmp_path))
+    q = clustered(1, DIM, seed=3)[0]
+    assert s.search(vector=q, k=5, synthetic=True) == []
+    assert len(s.search(vector=q, k=5, synthetic=False)) == 5
+
+
+# --- dedup ----------------------------------------------------------------------------------------------
+
+def test_components_joins_chains():
+    labels = components(6, np.array([0, 1, 4]), np.array([1, 2, 5]))
+    assert labels.tolist() == [0, 0, 0, 3, 4, 4]
+
+
+def test_dedup_finds_planted_duplicate_groups(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, DIM)).astype(np.float32)  # spread out: no accidental duplicates
+    x[100] = x[7] + 1e-3
+    x[250] = x[7] - 1e-3  # a group of three: 7, 100, 250
+    x[399] = x[42] * 1.0001  # a pair: 42, 399
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    write_shard(tmp_path, "00000", x)
+    build_index(str(tmp_path), "Flat")
+    summary = dedup(str(tmp_path), threshold=0.99)
+    assert summary["groups"] == 2 and summary["duplicates"] == 3
+    table = pq.read_table(tmp_path / "dedup" / "duplicates.parquet").to_pylist()
+    groups = {}
+    for r in table:
+        groups.setdefault(r["group"], []).append((r["row"], r["representative"]))
+    assert groups == {7: [(7, True), (100, False), (250, False)], 42: [(42, True), (399, False)]}
+    assert all(r["similarity"] >= 0.99 for r in table)
+
+
+def test_dedup_refuses_a_stale_index(tmp_path):
+    write_shard(tmp_path, "00000", clustered(50, DIM))
+    build_index(str(tmp_path), "Flat")
+    write_shard(tmp_path, "00001", clustered(50, DIM, seed=1))
+    with pytest.raises(IndexStateError, match="index-update"):
+        dedup(str(tmp_path), threshold=0.9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA build of FAISS and a GPU")
+def test_ivf_training_runs_on_the_gpu_and_saves_a_cpu_index(tmp_path):
+    write_shard(tmp_path, "00000", clustered(5000, DIM))
+    meta = build_index(str(tmp_path), "IVF32,Flat", tune_queries=100)
+    index, _, _ = load_index(str(tmp_path))
+    assert meta["tuning"]["reached"] and faiss.extract_index_ivf(index).clustering_index is None
