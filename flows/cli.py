@@ -75,6 +75,7 @@ def run(
 def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
     from flows.pipeline import pipeline
+    from workers.augment import check_augment_files
     from workers.models import check_weight_files
     from workers.storage import list_shards
 
@@ -83,6 +84,7 @@ def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
         raise ShardlightError("the config needs both `input` and `output` (or --input/--out)")
     list_shards(cfg.input)  # fail fast on a missing input or weights file, before any service starts
     check_weight_files(cfg.clip, cfg.labels)
+    check_augment_files(cfg.augment)
     summary = pipeline(cfg.model_dump(), wait_s=wait_s)
     _print_summary(summary)
     return summary
@@ -144,6 +146,44 @@ def _print_hits(title: str, hits: list) -> None:
         label = f"{h.label} ({h.label_prob:.2f})" if h.label else "-"
         table.add_row(str(i), h.key, f"{h.score:.3f}", label, h.caption or "")
     console.print(table)
+
+
+@app.command("augment-preview")
+def augment_preview(
+    out: str = typer.Argument(..., help="Output folder of a run with augmentations."),
+    dest: Path = typer.Option(Path("augment-preview.png"), help="PNG to write."),
+    per_row: int = typer.Option(8, min=1, help="Images per row."),
+) -> None:
+    """A PNG grid of the DiT augmentations: rows = classes; `vary` sources beside their variations."""
+    from flows.augment_preview import augment_preview as preview
+
+    try:
+        path = preview(out, dest, per_row)
+    except FileNotFoundError as err:
+        raise ShardlightError(f"no augmentations under {out}: {err}") from None
+    console.print(f"wrote {path}")
+
+
+@app.command("train-demo-models")
+def train_demo_models(
+    out_dir: Path = typer.Argument(Path("configs/models"), help="Where weights and model cards go."),
+    vit: bool = typer.Option(True, help="Train the ViT classifier (first: CLIP's image tower starts from it)."),
+    clip: bool = typer.Option(True, help="Train the CLIP model."),
+    dit: bool = typer.Option(True, help="Train the class-conditional DiT (after the ViT and CLIP it is scored with)."),
+    quick: bool = typer.Option(False, help="A few steps only: a smoke test, not usable models."),
+    threads: int = typer.Option(2, min=1, help="torch CPU threads."),
+) -> None:
+    """Regenerate the demo data and train the demo models on CPU, with held-out metrics in model cards."""
+    from workers.train_dit import train_demo_dit
+    from workers.training import train_demo_models as train
+
+    results = train(out_dir, clip=clip, vit=vit, quick=quick, threads=threads) if (clip or vit) else {}
+    if dit:
+        results["dit"] = train_demo_dit(out_dir, quick=quick)
+    for name, metrics in results.items():
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        console.print(f"[bold]{name}[/]: {shown}")
+    console.print(f"weights and model cards in {out_dir}")
 
 
 @app.command()

@@ -32,7 +32,8 @@ from index.update import update_index  # noqa: E402
 from workers.config import RunConfig, parse_config  # noqa: E402
 from workers.embed import shard_done  # noqa: E402
 from workers.errors import InputError, ShardlightError  # noqa: E402
-from workers.pool import embed_shards  # noqa: E402
+from workers.augment import ShardAugmenter, augment_done  # noqa: E402
+from workers.pool import embed_shards, run_stage  # noqa: E402
 from workers.schema import embeddings_path, read_stats, run_record_path  # noqa: E402
 from workers.storage import is_local, list_shards, makedirs, shard_name, write_atomic  # noqa: E402
 
@@ -99,6 +100,23 @@ def embed_stage(cfg: RunConfig, todo: list[str]) -> dict:
         log.error("shard %s failed: %s", shard, reason)
     return {"stats": result.stats, "failed": result.failed, "worker": result.worker,
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+@task(name="augment-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
+def augment_stage(cfg: RunConfig, shards: list[str]) -> dict:
+    """DiT augmentations for every embedded shard not yet augmented (when `augment.enabled`)."""
+    if not cfg.augment.enabled:
+        return {"stats": [], "failed": {}}
+    todo = [s for s in shards if shard_done(cfg.output, s) and not augment_done(cfg.output, s)]
+    if not todo:
+        log.info("nothing to augment: every shard already has its augmentations")
+        return {"stats": [], "failed": {}}
+    result = run_stage(cfg, cfg.output, todo, ShardAugmenter, (cfg.augment, cfg.clip, cfg.labels, cfg.compute))
+    generated = sum(s.get("rows", 0) for s in result.stats)
+    log.info("augmented %d shard(s): %d synthetic rows kept", len(result.stats), generated)
+    for shard, reason in result.failed.items():
+        log.error("augmenting %s failed: %s", shard, reason)
+    return {"stats": result.stats, "failed": result.failed}
 
 
 @task(name="build-index", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
@@ -196,6 +214,7 @@ def pipeline(config: dict, wait_s: float = 0.0) -> dict:
     with OutputLease(cfg.output, wait_s=wait_s):
         plan = plan_shards(cfg)
         embedded = embed_stage(cfg, plan["todo"])
+        augment_stage(cfg, plan["shards"])
         index = index_stage(cfg) if cfg.index.build and embedding_files(cfg.output) else None
         summary = summarize(cfg, plan, embedded, index)
         record_run(cfg, summary, started)

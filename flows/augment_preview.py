@@ -1,0 +1,111 @@
+"""A PNG contact sheet of a run's DiT augmentations: one row per class, generated samples across;
+for `vary`, each source image followed by its variations.
+
+Reads OUT/augmented/*.parquet (which rows exist, their target class and mode), the matching tars (the
+PNGs) and, for `vary`, the source images from the input shard whose URL the augmented Parquet's stats record.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from workers.reader import SampleError, ShardReader, decode
+from workers.schema import read_stats
+from workers.storage import exists, join, open_read, read_bytes
+
+CELL, LABEL_W, GAP = 64, 150, 8
+
+
+def _tar_images(url: str) -> dict[str, Image.Image]:
+    with tarfile.open(fileobj=io.BytesIO(read_bytes(url))) as tar:
+        return {m.name[:-4]: Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+                for m in tar if m.name.endswith(".png")}
+
+
+def _source_images(shard_url: str, keys: set[str]) -> dict[str, Image.Image]:
+    found = {}
+    for raw in ShardReader(shard_url):
+        if not isinstance(raw, SampleError) and raw.key in keys:
+            decoded = decode(raw)
+            if not isinstance(decoded, SampleError):
+                found[raw.key] = decoded.image
+    return found
+
+
+def collect(out: str, max_per_row: int = 8) -> tuple[dict[str, list], dict[str, list]]:
+    """{class: [generated images]} and {class: [(source, [variations])]} from a run folder."""
+    generated, varied = defaultdict(list), defaultdict(list)
+    for parquet in list_shards_parquet(out):
+        rows = pq.read_table(open_read(parquet)).to_pylist()
+        images = _tar_images(parquet[: -len(".parquet")] + ".tar")
+        vary_rows = [r for r in rows if r.get("mode") == "vary"]
+        sources = _source_images(read_stats(parquet)["url"], {r["source_key"] for r in vary_rows}) if vary_rows else {}
+        for r in rows:
+            if r.get("mode") == "generate" and len(generated[r["target_label"]]) < max_per_row:
+                generated[r["target_label"]].append(images[r["key"]])
+        by_source = defaultdict(list)
+        for r in vary_rows:
+            by_source[(r["target_label"], r["source_key"])].append(images[r["key"]])
+        for (label, key), variations in by_source.items():
+            if key in sources:
+                varied[label].append((sources[key], variations))
+    return generated, varied
+
+
+def list_shards_parquet(out: str) -> list[str]:
+    folder = join(out, "augmented")
+    if not exists(folder):
+        return []
+    return sorted(p for p in _listing(folder) if p.endswith(".parquet") and not Path(p).name.startswith("."))
+
+
+def _listing(folder: str) -> list[str]:
+    from workers.storage import filesystem, is_local
+
+    fs, path = filesystem(folder)
+    protocol = None if is_local(folder) else folder.split("://", 1)[0]
+    return [p if protocol is None else f"{protocol}://{p}" for p in fs.ls(path, detail=False)]
+
+
+def _row_cells(generated: list, varied: list, max_per_row: int) -> list[tuple[Image.Image, str]]:
+    """Cells of one class row: generated images, then each source (framed) with its variations."""
+    cells = [(im, "gen") for im in generated]
+    for source, variations in varied:
+        cells.append((source, "source"))
+        cells += [(im, "vary") for im in variations]
+    return cells[:max_per_row]
+
+
+def augment_preview(out: str, dest_png: str | Path, max_per_row: int = 8) -> Path:
+    """Write the contact sheet of OUT's augmentations to `dest_png`; returns its path.
+
+    Args:
+        out: a run's output folder (or URL) holding augmented/<shard>.tar and .parquet files.
+        dest_png: where to write the PNG.
+        max_per_row: samples shown per class.
+    """
+    generated, varied = collect(out, max_per_row)
+    classes = sorted(set(generated) | set(varied))
+    if not classes:
+        raise FileNotFoundError(f"no augmented images under {join(out, 'augmented')} (is augment.enabled set?)")
+    width = LABEL_W + max_per_row * (CELL + GAP)
+    sheet = Image.new("RGB", (width, len(classes) * (CELL + GAP) + GAP), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for row, label in enumerate(classes):
+        y = GAP + row * (CELL + GAP)
+        draw.text((6, y + CELL // 2 - 6), label, fill=(0, 0, 0))
+        for col, (image, kind) in enumerate(_row_cells(generated[label], varied[label], max_per_row)):
+            x = LABEL_W + col * (CELL + GAP)
+            sheet.paste(image.resize((CELL, CELL)), (x, y))
+            if kind == "source":  # sources framed in blue, so variations read as "this one, redrawn"
+                draw.rectangle([x - 2, y - 2, x + CELL + 1, y + CELL + 1], outline=(40, 80, 220), width=2)
+    dest = Path(dest_png)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(dest)
+    return dest

@@ -1,0 +1,242 @@
+"""The per-shard augmentation worker: DiT images per class (`generate`) and of source images (`vary`).
+
+`ShardAugmenter` has the same contract as `ShardEmbedder` (`describe()`, `process(shard_url, out)`), so
+`workers.pool.run_stage` runs it on Ray actors. It reads the shard's finished embeddings file (ViT labels
+per key) and the source shard's images, generates deterministically from seeds derived from (source key
+or class, index), embeds every image with CLIP, scores it against its class prompt, drops and counts those
+under `min_clip_score`, and labels the rest with the ViT. Outputs: OUT/augmented/<shard>.tar (WebDataset:
+KEY.png + KEY.json) and OUT/augmented/<shard>.parquet, written last as the shard's done marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+import torch
+import webdataset as wds
+from PIL import Image
+
+from workers.config import AugmentSpec, ClipSpec, ComputeSpec, LabelSpec
+from workers.device import pick_device, pick_dtype
+from workers.generator import DiTGenerator
+from workers.models import ClipEmbedder, build_labeler
+from workers.reader import SampleError, ShardReader, decode
+from workers.schema import STATS_KEY, embeddings_path, embeddings_table, write_table
+from workers.storage import exists, join, open_read, shard_name, write_atomic
+
+
+def augmented_path(out: str, shard: str, ext: str) -> str:
+    return join(out, "augmented", f"{shard}.{ext}")
+
+
+def augment_done(out: str, shard_url: str) -> bool:
+    return exists(augmented_path(out, shard_name(shard_url), "parquet"))
+
+
+def check_augment_files(spec: AugmentSpec) -> None:
+    """Fail fast, before any worker starts, when the enabled stage's DiT weights or VAE folder are missing."""
+    from pathlib import Path
+
+    from workers.errors import ModelLoadError
+
+    if not spec.enabled:
+        return
+    if not spec.checkpoint or not Path(spec.checkpoint).is_file():
+        raise ModelLoadError(f"augment.checkpoint: DiT weights file not found: {spec.checkpoint} (see docs/dit.md)")
+    if spec.vae and not Path(spec.vae).is_dir():
+        raise ModelLoadError(f"augment.vae: VAE folder not found: {spec.vae} (see docs/dit.md)")
+
+
+def derive_seed(base: int, mode: str, ident: str, index: int) -> int:
+    """A 63-bit seed from (run seed, mode, source key or class name, index): stable across runs and machines."""
+    digest = hashlib.sha256(f"{base}|{mode}|{ident}|{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+@dataclass
+class Job:
+    """One image to make."""
+
+    key: str
+    mode: str  # generate | vary
+    target: int  # DiT class id it is conditioned on
+    seed: int
+    source_key: str | None = None
+    source: Image.Image | None = None
+
+
+class ShardAugmenter:
+    """DiT augmentations of whole shards; load once, call per shard."""
+
+    def __init__(self, augment: AugmentSpec, clip: ClipSpec, labels: LabelSpec, compute: ComputeSpec):
+        self.spec = augment
+        self.device = pick_device(compute.device)
+        self.dtype = pick_dtype(self.device, compute.precision)
+        self.gen = DiTGenerator(augment.checkpoint, augment.model, augment.vae, self.device)
+        self.clip = ClipEmbedder(clip, self.device, self.dtype)
+        self.labeler = build_labeler(labels, self.device, self.dtype, self.clip)
+        self.top_k = labels.top_k
+        self.steps = augment.steps or self.gen.default_steps
+        self.guidance = self.gen.default_guidance if augment.guidance is None else augment.guidance
+        self.prompts = [augment.prompt.format(name) for name in self.gen.class_names]
+        self.prompt_embeddings = self.clip.embed_texts(self.prompts)
+        self.class_ids = {name: i for i, name in enumerate(self.gen.class_names)}
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "batch_size": self.spec.batch_size, "model": self.gen.name, "classes": len(self.gen.class_names),
+                "steps": self.steps, "guidance": self.guidance, "dim": self.clip.dim}
+
+    def process(self, shard_url: str, out: str) -> dict:
+        """Augment one shard and write its tar and Parquet; returns the shard's stats."""
+        start, name = time.perf_counter(), shard_name(shard_url)
+        source = embeddings_path(out, name)
+        if not exists(source):
+            raise FileNotFoundError(f"{source} missing: the augment stage runs on embedded shards")
+        with open_read(source) as f:
+            rows = pq.read_table(f, columns=["key", "label"]).to_pylist()
+        jobs, unknown = self._plan(shard_url, rows)
+        images = self._run(jobs)
+        cols, tar_bytes, dropped = self._score_and_pack(name, jobs, images)
+        stats = {
+            "shard": name, "url": shard_url, "generated": len(jobs), "rows": len(cols["key"]),
+            "dropped_low_clip": dropped, "unknown_labels": unknown,
+            "by_mode": dict(Counter(m["mode"] for m in cols["meta"])),
+            "label_agrees": sum(m["target_label"] == label for m, label in zip(cols["meta"], cols["label"])),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        stats["images_per_s"] = round(len(jobs) / max(stats["seconds"], 1e-9), 2)
+        write_atomic(augmented_path(out, name, "tar"), tar_bytes)
+        table = embeddings_table(cols, self.clip.dim, self.top_k)
+        write_table(augmented_path(out, name, "parquet"), table, {STATS_KEY: json.dumps(stats).encode()})
+        return stats
+
+    def _plan(self, shard_url: str, rows: list[dict]) -> tuple[list[Job], int]:
+        """The images to make, in a fixed order; labels the DiT does not know are counted and skipped."""
+        spec, name = self.spec, shard_name(shard_url)
+        known = [r for r in rows if r["label"] in self.class_ids]
+        jobs: list[Job] = []
+        if "generate" in spec.modes:
+            classes = spec.classes if spec.classes is not None else sorted({r["label"] for r in known})
+            for cls in classes:
+                if cls not in self.class_ids:
+                    raise ValueError(f"augment.classes: {cls!r} is not a class of the DiT")
+                for i in range(spec.generate_per_class):
+                    jobs.append(Job(f"{name}_gen_{self.class_ids[cls]:04d}_{i:03d}", "generate",
+                                    self.class_ids[cls], derive_seed(spec.seed, "generate", cls, i)))
+        if "vary" in spec.modes and spec.vary_sources and spec.vary_per_source:
+            sources = {r["key"]: r["label"] for r in known[: spec.vary_sources]}
+            for key, image in self._source_images(shard_url, sources):
+                for j in range(spec.vary_per_source):
+                    jobs.append(Job(f"{key}_vary_{j:03d}", "vary", self.class_ids[sources[key]],
+                                    derive_seed(spec.seed, "vary", key, j), source_key=key, source=image))
+        return jobs, len(rows) - len(known)
+
+    @staticmethod
+    def _source_images(shard_url: str, wanted: dict[str, str]) -> list[tuple[str, Image.Image]]:
+        """Decoded images of the wanted keys, in shard order (unreadable ones are skipped)."""
+        found = []
+        for raw in ShardReader(shard_url):
+            if isinstance(raw, SampleError) or raw.key not in wanted:
+                continue
+            decoded = decode(raw)
+            if not isinstance(decoded, SampleError):
+                found.append((raw.key, decoded.image))
+            if len(found) == len(wanted):
+                break
+        return found
+
+    def _run(self, jobs: list[Job]) -> list[Image.Image]:
+        """Denoise in batches of one mode; every image depends only on its own seed."""
+        made: dict[str, Image.Image] = {}
+        spec = self.spec
+        for mode in ("generate", "vary"):
+            part = [j for j in jobs if j.mode == mode]
+            for i in range(0, len(part), spec.batch_size):
+                batch = part[i:i + spec.batch_size]
+                labels, seeds = [j.target for j in batch], [j.seed for j in batch]
+                if mode == "generate":
+                    images = self.gen.generate(labels, seeds, self.steps, self.guidance)
+                else:
+                    images = self.gen.vary([j.source for j in batch], labels, seeds, spec.strength,
+                                           self.steps, self.guidance)
+                made.update(zip((j.key for j in batch), images))
+        return [made[j.key] for j in jobs]
+
+    def _score_and_pack(self, shard: str, jobs: list[Job], images: list[Image.Image]) -> tuple[dict, bytes, int]:
+        """CLIP score vs class prompt, drop low scores, ViT labels, then the tar and the Parquet columns."""
+        cols: dict[str, list] = defaultdict(list)
+        if not jobs:
+            return cols, _tar([]), 0
+        emb = self.clip.embed_images(torch.stack([self.clip.preprocess(im) for im in images]))
+        scores = (emb * self.prompt_embeddings[[j.target for j in jobs]]).sum(axis=1)
+        keep = [i for i in range(len(jobs)) if self.spec.min_clip_score is None
+                or scores[i] >= self.spec.min_clip_score]
+        labels = None
+        if self.labeler is not None and keep:
+            pixels = None if self.labeler.uses_clip_pixels else \
+                torch.stack([self.labeler.transform(images[i]) for i in keep])
+            labels = self.labeler(pixels, emb[keep])
+        members = []
+        for n, i in enumerate(keep):
+            job, image = jobs[i], images[i]
+            meta = self._meta(job, float(scores[i]))
+            png = _png(image)
+            members.append((job.key, png, meta))
+            self._add_row(cols, shard, job, image, emb[i], float(scores[i]), labels, n, meta)
+        tar_bytes = _tar(members)
+        offsets = _png_offsets(tar_bytes)
+        cols["tar_offset"] = [offsets[k][0] for k in cols["key"]]
+        cols["tar_size"] = [offsets[k][1] for k in cols["key"]]
+        return cols, tar_bytes, len(jobs) - len(keep)
+
+    def _meta(self, job: Job, score: float) -> dict:
+        return {"synthetic": True, "source_key": job.source_key, "target_label": self.gen.class_names[job.target],
+                "mode": job.mode, "seed": job.seed, "steps": self.steps, "guidance": self.guidance,
+                "strength": self.spec.strength if job.mode == "vary" else None, "model": self.gen.name,
+                "prompt_score": round(score, 6)}
+
+    def _add_row(self, cols, shard, job, image, emb, score, labels, n, meta) -> None:
+        cols["key"].append(job.key)
+        cols["shard"].append(shard)
+        cols["caption"].append(self.prompts[job.target])  # the class prompt stands in for a caption
+        cols["url"].append(None)
+        cols["width"].append(image.width)
+        cols["height"].append(image.height)
+        cols["image_format"].append("png")
+        cols["image_embedding"].append(emb)
+        cols["text_embedding"].append(self.prompt_embeddings[job.target])
+        cols["clip_score"].append(score)
+        cols["label_id"].append(int(labels.ids[n, 0]) if labels else None)
+        cols["label"].append(labels.names[n] if labels else None)
+        cols["label_prob"].append(float(labels.probs[n, 0]) if labels else None)
+        cols["topk_ids"].append(labels.ids[n].tolist() if labels else None)
+        cols["topk_probs"].append(labels.probs[n].tolist() if labels else None)
+        cols["meta"].append(meta)
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(members: list[tuple[str, bytes, dict]]) -> bytes:
+    """A WebDataset shard in memory (KEY.png + KEY.json), written atomically by the caller."""
+    buf = io.BytesIO()
+    with wds.TarWriter(buf) as sink:
+        for key, png, meta in members:
+            sink.write({"__key__": key, "png": png, "json": json.dumps(meta).encode()})
+    return buf.getvalue()
+
+
+def _png_offsets(tar_bytes: bytes) -> dict[str, tuple[int, int]]:
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return {m.name[: -len(".png")]: (m.offset_data, m.size) for m in tar if m.name.endswith(".png")}

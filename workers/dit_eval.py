@@ -1,0 +1,221 @@
+"""Measure a demo DiT with the shipped ViT and CLIP, and write its model card.
+
+Metrics (all on images generated at the shipped guidance and DDIM steps, `eval_per_class` per class):
+- ViT accuracy: share of generated images the demo ViT classifies as the class they were conditioned on;
+- CLIP score: mean cosine between a generated image and its class prompt ("a photo of a <class>");
+- CLIP-FD: Fréchet distance between CLIP image features of generated and real held-out images, for the
+  trained and for the untrained (freshly initialised) model; real images reduced to the model's size and
+  back give the floor the model's resolution allows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workers import synthetic
+from workers.config import ClipSpec, LabelSpec
+from workers.generator import DiTGenerator
+from workers.models import MODEL_DIR, ClipEmbedder, VitLabeler
+
+CLASS_PROMPT = "a photo of a {}"
+VIT_TARGET = 0.80  # issue 4: share of generated images the ViT assigns to the conditioning class
+
+
+def eval_seed(base: int, class_id: int, index: int) -> int:
+    return base * 1_000_000 + class_id * 1_000 + index
+
+
+def generate_per_class(gen: DiTGenerator, per_class: int, seed: int, batch: int = 48) -> tuple[list, list[int]]:
+    """`per_class` images for every class, in class order, from seeds derived from (seed, class, index)."""
+    labels = [c for c in range(len(gen.class_names)) for _ in range(per_class)]
+    seeds = [eval_seed(seed, c, i) for c in range(len(gen.class_names)) for i in range(per_class)]
+    images = []
+    for i in range(0, len(labels), batch):
+        images += gen.generate(labels[i:i + batch], seeds[i:i + batch])
+    return images, labels
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||μa-μb||² + Tr(Σa + Σb - 2 (Σa^½ Σb Σa^½)^½), via symmetric eigendecompositions (no scipy)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    vals, vecs = np.linalg.eigh(cov_a)
+    root_a = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+
+
+def _reference_cnn(classes: int) -> torch.nn.Module:
+    def block(cin: int, cout: int) -> list:
+        return [torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2)]
+
+    return torch.nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(64, classes))
+
+
+def train_reference_classifier(recipe, epochs: int = 6) -> torch.nn.Module:
+    """A small CNN on the DiT's own training images at the model's size: an independent judge of what
+    the DiT draws, since it sees exactly the pixels the DiT models (no up-sampling, no JPEG)."""
+    from workers.train_dit import training_set
+
+    pixels, labels = training_set(recipe)
+    torch.manual_seed(recipe.init_seed)
+    cnn = _reference_cnn(len(synthetic.CLASS_NAMES))
+    opt = torch.optim.AdamW(cnn.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * math.ceil(len(labels) / 64))
+    gen = torch.Generator().manual_seed(recipe.init_seed)
+    cnn.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(labels), generator=gen).split(64):
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], pixels[idx].flip(-1), pixels[idx])
+            loss = torch.nn.functional.cross_entropy(cnn(x), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return cnn.eval()
+
+
+@torch.no_grad()
+def reference_accuracy(cnn: torch.nn.Module, images: list[Image.Image], labels: list[int], size: int) -> float:
+    from workers.train_dit import to_model_pixels
+
+    predicted = torch.cat([cnn(to_model_pixels(images[i:i + 256], size)).argmax(1) for i in range(0, len(images), 256)])
+    return float((predicted == torch.tensor(labels)).float().mean())
+
+
+def _shipped(name: str) -> Path | None:
+    path = MODEL_DIR / f"{name}.safetensors"
+    return path if path.is_file() else None
+
+
+def _embed(clip: ClipEmbedder, images: list[Image.Image]) -> np.ndarray:
+    return np.concatenate([clip.embed_images(torch.stack([clip.preprocess(im) for im in images[i:i + 128]]))
+                           for i in range(0, len(images), 128)])
+
+
+def vit_accuracy(images: list[Image.Image], labels: list[int], class_names: list[str]) -> dict | None:
+    """Overall and per-class share classified as the conditioning class (None without shipped ViT weights)."""
+    weights = _shipped("shapes-vit")
+    if weights is None:
+        return None
+    vit = VitLabeler(LabelSpec(kind="vit", model="shapes-vit", checkpoint=str(weights)), torch.device("cpu"))
+    names = [n for i in range(0, len(images), 128)
+             for n in vit(torch.stack([vit.transform(im) for im in images[i:i + 128]])).names]
+    hits = np.array([n == class_names[y] for n, y in zip(names, labels)])
+    per_class = {class_names[c]: float(hits[np.array(labels) == c].mean()) for c in sorted(set(labels))}
+    return {"vit_accuracy": float(hits.mean()), "vit_accuracy_worst_class": min(per_class.values()),
+            "vit_accuracy_per_class": per_class}
+
+
+def clip_metrics(gen: DiTGenerator, images: list, labels: list[int], untrained: list, real: list) -> dict | None:
+    """CLIP score vs class prompt and CLIP-FD to real held-out images (None without shipped CLIP weights)."""
+    weights = _shipped("shapes-clip")
+    if weights is None:
+        return None
+    clip = ClipEmbedder(ClipSpec(model="shapes-clip", pretrained=str(weights)), torch.device("cpu"))
+    texts = clip.embed_texts([CLASS_PROMPT.format(n) for n in gen.class_names])
+    feats = _embed(clip, images)
+    real_feats = _embed(clip, real)
+    roundtrip = gen.codec.decode(gen.codec.encode(real, torch.device("cpu")))
+    return {
+        "clip_score_mean": float((feats * texts[labels]).sum(1).mean()),
+        "clip_fd": frechet_distance(feats, real_feats),
+        "clip_fd_untrained": frechet_distance(_embed(clip, untrained), real_feats),
+        "clip_fd_real_at_model_size": frechet_distance(_embed(clip, roundtrip), real_feats),
+    }
+
+
+def evaluate_dit(weights: str | Path) -> dict:
+    """Generate `eval_per_class` images per class with the shipped settings and measure them."""
+    from workers.train_dit import DitRecipe, build_demo_model
+    from workers.training import decode, held_out_samples
+
+    start = time.monotonic()
+    gen = DiTGenerator(str(weights))
+    recipe = DitRecipe(**json.loads(gen_meta(weights)["recipe"]))
+    images, labels = generate_per_class(gen, recipe.eval_per_class, recipe.eval_seed)
+    trained = gen.model
+    gen.model = build_demo_model(recipe).eval()  # same architecture and init seed, no training
+    untrained, _ = generate_per_class(gen, recipe.eval_per_class, recipe.eval_seed)
+    gen.model = trained
+    held_out = held_out_samples(recipe.eval_seed, recipe.eval_per_class)
+    real = [decode(s) for s in held_out]
+    metrics = {"images_per_class": recipe.eval_per_class, "guidance": gen.default_guidance,
+               "sample_steps": gen.default_steps}
+    metrics.update(vit_accuracy(images, labels, gen.class_names) or {"vit_accuracy": None})
+    cnn = train_reference_classifier(recipe)
+    real_labels = [synthetic.CLASS_NAMES.index(json.loads(s["json"])["label"]) for s in held_out]
+    size = gen.model.config.input_size
+    metrics["reference_cnn_accuracy"] = reference_accuracy(cnn, images, labels, size)
+    metrics["reference_cnn_accuracy_untrained_dit"] = reference_accuracy(cnn, untrained, labels, size)
+    metrics["reference_cnn_accuracy_real_held_out"] = reference_accuracy(cnn, real, real_labels, size)
+    metrics.update(clip_metrics(gen, images, labels, untrained, real) or {"clip_score_mean": None})
+    metrics["eval_seconds"] = round(time.monotonic() - start, 1)
+    return metrics
+
+
+def gen_meta(weights: str | Path) -> dict:
+    from workers.models import read_weights_metadata
+
+    return read_weights_metadata(weights)
+
+
+def _fmt(v) -> str:
+    return "not measured (shipped weights missing)" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
+    """The markdown model card: architecture, data, hyper-parameters, time and measured metrics."""
+    meta = gen_meta(weights)
+    recipe, log = json.loads(meta["recipe"]), json.loads(meta["loss_log"])
+    patch = json.loads(meta["dit_config"])["patch_size"]
+    tokens = (recipe["model_size"] // patch) ** 2
+    headline = {k: v for k, v in metrics.items() if k != "vit_accuracy_per_class"}
+    per_class = metrics.get("vit_accuracy_per_class") or {}
+    lines = [
+        "# shapes-dit: a tiny class-conditional DiT for the synthetic shapes demo", "",
+        f"A pixel-space Diffusion Transformer (`workers/dit.py`, {recipe['model']}: depth, width and heads "
+        f"in `DIT_MODELS`; {recipe['model_size']}x{recipe['model_size']} RGB input, patch {patch} → {tokens} tokens) "
+        f"with adaLN-Zero blocks, trained to denoise ({recipe['prediction']}-prediction: the network outputs "
+        "v = √ᾱ ε − √(1−ᾱ) x₀ and the sampler recovers ε exactly; "
+        f"{recipe['schedule']} β schedule, T={recipe['diffusion_steps']}) with 10% label dropout for "
+        f"classifier-free guidance. Sampling: deterministic DDIM, {recipe['sample_steps']} steps, guidance "
+        f"{recipe['guidance']}; outputs are bicubic-upsampled to {recipe['image_size']}x{recipe['image_size']}. "
+        f"Weights: the EMA copy, fp16, {weights.stat().st_size / 1e6:.1f} MB.", "",
+        "## Data",
+        f"`workers/synthetic.py` demo images (24 classes `<color> <shape>`, 64x64 JPEG), "
+        f"{recipe['train_per_class']} per class, seed {recipe['train_seed']}, box-downsampled to "
+        f"{recipe['model_size']}px, random horizontal flips. Evaluation: real held-out images from seed "
+        f"{recipe['eval_seed']}; generation seeds derived from (seed {recipe['eval_seed']}, class, index).", "",
+        "## Hyper-parameters", "", "| name | value |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in recipe.items()], "",
+        "## Measured", "", "| metric | value |", "|---|---|",
+        *[f"| {k} | {_fmt(v)} |" for k, v in headline.items()], "",
+        f"Target: ViT accuracy ≥ {VIT_TARGET} (issue 4)"
+        + ("." if (metrics.get("vit_accuracy") or 0) >= VIT_TARGET else
+           " — **not met**; see docs/dit.md for why (training budget; the ViT's own real-image top-1) and what "
+           "is next.") + " `reference_cnn_*`: a small CNN trained for "
+        "evaluation only on the DiT's own 32 px training images (independent of the shipped ViT); its accuracy "
+        "on real held-out images is the ceiling for the generated ones. CLIP-FD: Fréchet distance of CLIP image "
+        "features, generated vs real held-out (lower is better); `_real_at_model_size` is real images reduced "
+        "to 32 px and back, the floor this resolution allows.", "",
+        *(["Per class ViT accuracy:", "", "| class | accuracy |", "|---|---|",
+           *[f"| {k} | {v:.2f} |" for k, v in per_class.items()], ""] if per_class else []),
+        "Training loss (every 100 steps): " + ", ".join(f"{e['step']}: {e['loss']}" for e in log), "",
+        f"Training time: {float(meta['train_seconds']) / 60:.1f} min on a shared 2-core CPU "
+        f"(python {platform.python_version()}, torch {torch.__version__}, {recipe['threads']} thread).", "",
+        "## Reproduce", "", "```", "from workers.train_dit import train_demo_dit",
+        "train_demo_dit('configs/models')", "```", "",
+    ]
+    path.write_text("\n".join(lines))

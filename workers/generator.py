@@ -1,0 +1,186 @@
+"""Images in, images out with a DiT: load weights (the demo's or the published DiT-XL/2), choose pixel or
+latent space, then `generate` from class labels or `vary` source images (SDEdit), deterministic per seed.
+
+Published DiT checkpoints (`DiT-XL-2-256x256.pt`) name their tensors differently from `workers.dit`;
+`convert_published_state_dict` renames them, and the architecture is read from the tensor shapes. Latent
+models decode through a local diffusers `AutoencoderKL` folder (e.g. sd-vae-ft-ema), scaled by 0.18215.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workers.diffusion import Diffusion, seeded_noise
+from workers.dit import DIT_MODELS, DiT, DiTConfig, _SIZES
+from workers.errors import ModelLoadError
+from workers.models import load_weights_file, read_weights_metadata
+
+VAE_SCALE = 0.18215  # the SD VAE latent scale the published DiT checkpoints were trained with
+
+# Published name pattern -> this implementation's name (blocks' attn/mlp names already agree).
+PUBLISHED_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^x_embedder\.proj\.", "patchify.proj."),
+    (r"^t_embedder\.mlp\.", "time_embed.mlp."),
+    (r"^y_embedder\.embedding_table\.", "label_embed.table."),
+    (r"^(blocks\.\d+)\.adaLN_modulation\.1\.", r"\1.modulation."),
+    (r"^final_layer\.adaLN_modulation\.1\.", "final.modulation."),
+    (r"^final_layer\.linear\.", "final.linear."),
+)
+
+
+def convert_published_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a published DiT state dict (`x_embedder`, `adaLN_modulation.1`, …) to `workers.dit` names."""
+    for wrapper in ("ema", "model"):  # training checkpoints nest the weights; the released files do not
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    converted = {}
+    for name, tensor in state.items():
+        for pattern, repl in PUBLISHED_RENAMES:
+            name = re.sub(pattern, repl, name)
+        converted[name] = tensor
+    return converted
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor], name: str) -> DiTConfig:
+    """Architecture from tensor shapes (depth, width, patch, channels, grid, classes, Σ); heads from `name`."""
+    if name not in DIT_MODELS:
+        raise ModelLoadError(f"unknown DiT model {name!r} (known: {', '.join(DIT_MODELS)})")
+    proj = state["patchify.proj.weight"]  # (d, C, p, p)
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    grid = math.isqrt(state["pos_embed"].shape[1])
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    out = state["final.linear.weight"].shape[0] // (patch * patch)
+    expected = _SIZES[name.split("-")[1].split("/")[0]]
+    if (depth, hidden) != expected[:2] or patch != int(name.rsplit("/", 1)[1]):
+        raise ModelLoadError(f"weights are depth {depth}, width {hidden}, patch {patch}: not {name}")
+    return DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
+                     depth=depth, num_heads=expected[2], num_classes=state["label_embed.table.weight"].shape[0] - 1,
+                     learn_sigma=out == 2 * in_channels)
+
+
+def _load_dit(name: str | None, checkpoint: str | None) -> tuple[DiT, dict]:
+    """The model and the header metadata (demo safetensors) or defaults (published .pt)."""
+    if not checkpoint:
+        raise ModelLoadError("DiT needs local weights: set augment.checkpoint to a .safetensors or .pt file "
+                             "(no hub download; see docs/dit.md)")
+    if not Path(checkpoint).is_file():
+        raise ModelLoadError(f"DiT weights file not found: {checkpoint} (see docs/dit.md for where to get them)")
+    meta = read_weights_metadata(checkpoint)
+    state = load_weights_file(checkpoint)
+    if "dit_config" in meta:
+        config = DiTConfig(**json.loads(meta["dit_config"]))
+    else:
+        state = convert_published_state_dict(state)
+        config = config_from_state_dict(state, name or "DiT-XL/2")
+    model = DiT(config)
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as err:
+        raise ModelLoadError(f"DiT weights {checkpoint} do not fit {name}: {str(err).splitlines()[0]}") from None
+    return model.eval().requires_grad_(False), meta
+
+
+class PixelCodec:
+    """Pixel-space models: RGB in [-1, 1] at the model's size; outputs are resized to `image_size`."""
+
+    def __init__(self, model_size: int, image_size: int):
+        self.model_size, self.image_size = model_size, image_size
+
+    def encode(self, images: list[Image.Image], device: torch.device) -> torch.Tensor:
+        arrays = [np.asarray(im.convert("RGB").resize((self.model_size,) * 2, Image.Resampling.BOX), np.float32)
+                  for im in images]
+        return (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1).to(device)
+
+    def decode(self, x: torch.Tensor) -> list[Image.Image]:
+        arrays = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a).resize((self.image_size,) * 2, Image.Resampling.BICUBIC) for a in arrays]
+
+
+class VaeCodec:
+    """Latent-space models: a local diffusers AutoencoderKL folder; latents are scaled by 0.18215."""
+
+    def __init__(self, folder: str, image_size: int, device: torch.device):
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError:
+            raise ModelLoadError("latent DiT needs diffusers: pip install 'shardlight[latent]'") from None
+        if not Path(folder).is_dir():
+            raise ModelLoadError(f"VAE folder not found: {folder} (a diffusers AutoencoderKL, e.g. sd-vae-ft-ema)")
+        try:
+            self.vae = AutoencoderKL.from_pretrained(folder, local_files_only=True).to(device).eval()
+        except Exception as err:  # diffusers raises OSError/ValueError/EnvironmentError for bad folders
+            raise ModelLoadError(f"could not load VAE from {folder}: {str(err).splitlines()[0][:160]}") from None
+        self.image_size = self.model_size = image_size
+
+    @torch.no_grad()
+    def encode(self, images: list[Image.Image], device: torch.device) -> torch.Tensor:
+        pixels = PixelCodec(self.image_size, self.image_size).encode(images, device)
+        return self.vae.encode(pixels).latent_dist.mean * VAE_SCALE  # the mean: deterministic per image
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> list[Image.Image]:
+        return PixelCodec(self.image_size, self.image_size).decode(self.vae.decode(x / VAE_SCALE).sample)
+
+
+class DiTGenerator:
+    """A loaded DiT with its schedule and codec; `generate` and `vary` return PIL images."""
+
+    def __init__(self, checkpoint: str | None, name: str | None = None, vae: str | None = None,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model, meta = _load_dit(name, checkpoint)
+        self.model.to(self.device)
+        cfg = self.model.config
+        self.class_names = json.loads(meta["class_names"]) if "class_names" in meta else _imagenet_names(cfg)
+        self.diffusion = Diffusion(meta.get("schedule", "linear"), int(meta.get("diffusion_steps", 1000)),
+                                   meta.get("prediction", "eps"))
+        self.default_guidance = float(meta.get("guidance", 4.0))
+        self.default_steps = int(meta.get("sample_steps", 50))
+        self.latent = cfg.in_channels == 4
+        if self.latent and not vae:
+            raise ModelLoadError("this DiT works in VAE latent space: set augment.vae to a local AutoencoderKL folder")
+        self.codec = VaeCodec(vae, cfg.input_size * 8, self.device) if self.latent else \
+            PixelCodec(cfg.input_size, int(meta.get("image_size", cfg.input_size)))
+        self.name = meta.get("architecture", name)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        cfg = self.model.config
+        return cfg.in_channels, cfg.input_size, cfg.input_size
+
+    def _labels(self, labels: list[int]) -> torch.Tensor:
+        return torch.tensor(labels, dtype=torch.long, device=self.device)
+
+    def generate(self, labels: list[int], seeds: list[int], steps: int | None = None,
+                 guidance: float | None = None) -> list[Image.Image]:
+        """One image per (label, seed) from pure noise, by deterministic DDIM."""
+        noise = seeded_noise(seeds, self.shape, self.device)
+        x = self.diffusion.sample(self.model, noise, self._labels(labels), steps or self.default_steps,
+                                  self.default_guidance if guidance is None else guidance, clip=not self.latent)
+        return self.codec.decode(x)
+
+    def vary(self, images: list[Image.Image], labels: list[int], seeds: list[int], strength: float,
+             steps: int | None = None, guidance: float | None = None) -> list[Image.Image]:
+        """SDEdit variations: each source noised to `strength`, then denoised under its label."""
+        x0 = self.codec.encode(images, self.device)
+        noise = seeded_noise(seeds, self.shape, self.device)
+        x = self.diffusion.vary(self.model, x0, self._labels(labels), noise, strength, steps or self.default_steps,
+                                self.default_guidance if guidance is None else guidance, clip=not self.latent)
+        return self.codec.decode(x)
+
+
+def _imagenet_names(cfg: DiTConfig) -> list[str]:
+    if cfg.num_classes != 1000:
+        return [str(i) for i in range(cfg.num_classes)]
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]

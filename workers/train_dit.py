@@ -1,0 +1,192 @@
+"""Train the demo DiT: a tiny class-conditional pixel-space diffusion transformer on synthetic shapes, on CPU.
+
+Images are rendered by `workers.synthetic` (64x64 JPEGs, exactly as the demo shards hold them), reduced
+to 32x32 for the model, and the model learns to denoise under a cosine schedule, predicting v (from which
+the sampler recovers ε exactly; see `workers.diffusion.Diffusion`).
+The EMA weights are shipped as fp16 safetensors with their architecture, class names, schedule and
+recipe in the header, plus a model card with metrics measured by the shipped ViT and CLIP.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from workers import synthetic
+from workers.diffusion import Diffusion
+from workers.dit import build_dit
+
+DIT_NAME = "shapes-dit"
+REPRODUCE = "python -c 'from workers.train_dit import train_demo_dit; print(train_demo_dit(\"configs/models\"))'"
+
+
+@dataclass(frozen=True)
+class DitRecipe:
+    """Data, model and optimisation settings of the demo DiT; stored in its weights and card."""
+
+    model: str = "DiT-Tiny/4"  # registry name (workers.dit.DIT_MODELS)
+    model_size: int = 32  # pixels the model sees (the 64x64 demo images are box-downsampled 2x)
+    image_size: int = 64  # pixels of the stored images (model output is bicubic-upsampled)
+    schedule: str = "cosine"  # β schedule; cosine keeps more signal at small resolutions
+    prediction: str = "v"  # network output: v (ε derived exactly at low SNR) rather than ε, see Diffusion
+    diffusion_steps: int = 1000  # T
+    train_seed: int = 0  # synthetic data seed for training images
+    init_seed: int = 0  # torch seed for weight init, batch order, timesteps and noise
+    train_per_class: int = 500  # training images per class (24 classes), rendered once
+    steps: int = 3600  # optimizer steps
+    batch_size: int = 32
+    lr: float = 1e-3  # AdamW, linear warm-up then cosine decay to 10%
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    class_dropout: float = 0.1  # labels replaced by the null class, for classifier-free guidance
+    ema_decay: float = 0.995  # EMA of the weights; the EMA copy is what ships
+    hflip: bool = True  # random horizontal flips (shape classes are mirror-invariant)
+    threads: int = 1  # torch CPU threads; 1 is fastest on a 2-core machine shared with other jobs
+    guidance: float = 4.0  # shipped classifier-free guidance scale (4 and 7 measured alike, docs/dit.md)
+    sample_steps: int = 25  # shipped DDIM steps
+    eval_seed: int = 1001  # held-out real images and generation seeds for the metrics
+    eval_per_class: int = 20  # generated (and real held-out) images per class for the metrics
+
+
+def _quick(recipe: DitRecipe) -> DitRecipe:
+    """A smoke-test recipe: the same code path in seconds; the model will not be usable."""
+    return replace(recipe, train_per_class=2, steps=3, batch_size=8, warmup_steps=1, eval_per_class=2,
+                   sample_steps=3)
+
+
+# Data --------------------------------------------------------------------------------------------
+
+def to_model_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
+    """RGB images -> (N, 3, size, size) floats in [-1, 1] (box filter: an exact 2x average for 64 -> 32)."""
+    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+              for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def training_set(recipe: DitRecipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-balanced demo images (decoded JPEGs, as the pipeline reads them) and their class ids."""
+    from workers.training import decode, make_samples, metadata
+
+    samples = make_samples(recipe.train_seed, recipe.train_per_class)
+    pixels = to_model_pixels([decode(s) for s in samples], recipe.model_size)
+    labels = torch.tensor([metadata(s)["label_id"] for s in samples])
+    return pixels, labels
+
+
+# Training ----------------------------------------------------------------------------------------
+
+def build_demo_model(recipe: DitRecipe) -> torch.nn.Module:
+    torch.manual_seed(recipe.init_seed)
+    return build_dit(recipe.model, input_size=recipe.model_size, in_channels=3, learn_sigma=False,
+                     num_classes=len(synthetic.CLASS_NAMES), class_dropout=recipe.class_dropout)
+
+
+def _lr_factor(step: int, recipe: DitRecipe) -> float:
+    if step < recipe.warmup_steps:
+        return (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train_dit(recipe: DitRecipe, log_every: int = 100) -> tuple[torch.nn.Module, list[dict]]:
+    """The training loop; returns the EMA model and a loss log."""
+    pixels, labels = training_set(recipe)
+    print(f"{DIT_NAME}: {len(labels)} training images at {recipe.model_size}px (seed {recipe.train_seed})",
+          flush=True)
+    model = build_demo_model(recipe)
+    diffusion = Diffusion(recipe.schedule, recipe.diffusion_steps, recipe.prediction)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, recipe))
+    gen = torch.Generator().manual_seed(recipe.init_seed)
+    log, running, start = [], 0.0, time.monotonic()
+    model.train()
+    for step in range(recipe.steps):
+        idx = torch.randint(0, len(labels), (recipe.batch_size,), generator=gen)
+        x = pixels[idx]
+        if recipe.hflip:
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        loss = diffusion.training_loss(model, x, labels[idx], generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        # EMA warm-up: average over the steps seen so far until the decay takes over.
+        _ema_update(ema, model, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        running += loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
+            n = (step % log_every) + 1
+            log.append({"step": step + 1, "loss": round(running / n, 4), "minutes": round((time.monotonic() - start) / 60, 2)})
+            print(f"{DIT_NAME} step {step + 1}/{recipe.steps}: loss {running / n:.4f} "
+                  f"({log[-1]['minutes']} min)", flush=True)
+            running = 0.0
+    return ema, log
+
+
+# Outputs -----------------------------------------------------------------------------------------
+
+def save_dit(model: torch.nn.Module, path: Path, recipe: DitRecipe, log: list[dict], seconds: float) -> None:
+    """fp16 safetensors; the header carries everything needed to rebuild and sample the model."""
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "architecture": recipe.model, "dit_config": json.dumps(asdict(model.config)),
+        "class_names": json.dumps(list(synthetic.CLASS_NAMES)), "space": "pixel",
+        "image_size": str(recipe.image_size), "model_size": str(recipe.model_size),
+        "schedule": recipe.schedule, "diffusion_steps": str(recipe.diffusion_steps),
+        "prediction": recipe.prediction,
+        "guidance": str(recipe.guidance), "sample_steps": str(recipe.sample_steps),
+        "recipe": json.dumps(asdict(recipe)), "loss_log": json.dumps(log), "train_seconds": f"{seconds:.0f}",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+
+
+def _versions(recipe: DitRecipe) -> str:
+    return f"python {platform.python_version()}, torch {torch.__version__}, {recipe.threads} CPU thread(s)"
+
+
+def train_demo_dit(out_dir: str | Path, quick: bool = False) -> dict:
+    """Train the demo DiT on CPU, evaluate it with the shipped ViT/CLIP, write weights and model card.
+
+    Args:
+        out_dir: folder for `shapes-dit.safetensors` and `shapes-dit.md` (configs/models for the shipped one).
+        quick: a few steps on a handful of images (smoke test); the model will not be usable.
+
+    Returns:
+        The measured metrics plus `train_seconds` and `weights` (the file written).
+    """
+    recipe = _quick(DitRecipe()) if quick else DitRecipe()
+    torch.set_num_threads(recipe.threads)
+    out = Path(out_dir)
+    start = time.monotonic()
+    ema, log = train_dit(recipe)
+    seconds = time.monotonic() - start
+    path = out / f"{DIT_NAME}.safetensors"
+    save_dit(ema, path, recipe, log, seconds)
+    return finish_card(path, out)
+
+
+def finish_card(path: Path, out: Path) -> dict:
+    """Evaluate the written weights (loaded as the augmenter loads them) and write the model card."""
+    from workers.dit_eval import evaluate_dit, write_dit_card
+
+    metrics = evaluate_dit(path)
+    write_dit_card(out / f"{DIT_NAME}.md", path, metrics)
+    return {**metrics, "weights": str(path)}
