@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -77,5 +78,9 @@ def test_cron_deployment_runs_incrementally(server):
         assert second["index"]["count"] == first["index"]["count"] + 20
         assert (out / "embeddings" / "00000.parquet").stat().st_mtime_ns == kept
     finally:
-        os.killpg(worker.pid, 15)
-        worker.wait(timeout=30)
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # the Prefect worker can take longer to drain
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=30)
