@@ -5,7 +5,7 @@
 Prints images/s for:
   forward     CLIP image+text forward and the labeler on pre-decoded, pre-transformed tensors
   worker      ShardEmbedder.process in this process: read tar, decode, transform, forward, write Parquet
-  flow-stage  the Prefect flow's embedding stage on local Ray (actor start-up excluded)
+  flow-stage  the Prefect flow's embedding stage on local Ray, including Ray start and actor model load
   flow-total  the whole flow: Prefect, Ray start, actor model load, embedding, index build
 and each as a ratio of `forward`.
 """
