@@ -57,11 +57,17 @@ class RunSummary:
     code_version: str | None = None
     finished_at: str | None = None
     index: dict | None = None  # factory, count, dim and any measured recall
+    last_run: dict = field(default_factory=dict)  # the last run's own work: processed / skipped / failed shards
 
     def rows_for_display(self) -> list[tuple[str, str]]:
         """The (name, value) pairs both renderings show, in order."""
-        pairs = [("output", self.out), ("shards", f"{self.shards:,}"), ("samples read", f"{self.samples_read:,}"),
-                 ("rows", f"{self.rows:,}"), ("errors (dropped)", f"{self.errors:,}")]
+        pairs = [("output", self.out), ("shards", f"{self.shards:,}")]
+        if self.last_run:
+            run = self.last_run
+            pairs.append(("last run", f"{run.get('processed', 0):,} shard(s) done, {run.get('skipped', 0):,} skipped, "
+                                      f"{len(run.get('failed') or {}):,} failed"))
+        pairs += [("samples read", f"{self.samples_read:,}"), ("rows", f"{self.rows:,}"),
+                  ("errors (dropped)", f"{self.errors:,}")]
         if self.notes:
             pairs.append(("notes (row kept)", f"{self.notes:,}"))
         pairs.append(("synthetic rows", f"{self.synthetic_rows:,}"))
@@ -177,9 +183,9 @@ def _models(record: dict) -> dict[str, str]:
     if labels and labels.get("kind") != "none":
         weights = _weights(labels.get("checkpoint")) or _weights(labels.get("pretrained"))
         models["labels"] = f"{labels.get('kind')}: {labels.get('model')}" + (f" ({weights})" if weights else "")
-    for name in ("augment", "dedup"):  # stages still to come; shown when their config names a model
-        if isinstance(cfg.get(name), dict) and cfg[name].get("model"):
-            models[name] = str(cfg[name]["model"])
+    augment = cfg.get("augment") or {}
+    if augment.get("enabled") and augment.get("model"):
+        models["augment"] = f"{augment['model']} ({_weights(augment.get('checkpoint')) or 'untrained'})"
     return models
 
 
@@ -198,7 +204,7 @@ def collect_summary(out: str) -> RunSummary:
         dedup=_dedup_counts(dedup) if exists(dedup) else None,
         stages=_stages(out, stats, record, index), models=_models(record),
         versions=record.get("versions", {}), code_version=record.get("code_version"),
-        finished_at=record.get("finished_at"), index=index,
+        finished_at=record.get("finished_at"), index=index, last_run=record.get("summary", {}),
     )
 
 
