@@ -27,12 +27,8 @@ from workers.synthetic import write_shards  # noqa: E402
 from workers.train_dit import DitRecipe, _quick, build_demo_model, save_dit  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a small shared CPU, two threads of tiny ops spin-wait (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Tiny torch ops run single-threaded here (see conftest.one_torch_thread)."""
 
 
 CLIP, LABELS, COMPUTE = ClipSpec(), LabelSpec(kind="vit", model="shapes-vit", top_k=3), ComputeSpec(device="cpu")

@@ -19,12 +19,8 @@ from workers.generator import (PUBLISHED_RENAMES, DiTGenerator, config_from_stat
 from workers.models import MODEL_DIR  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a small shared CPU, two threads of tiny ops spin-wait (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Tiny torch ops run single-threaded here (see conftest.one_torch_thread)."""
 
 
 # Parameter counts from the paper's Table 1 (millions), for the 256x256 latent (32x32x4) models.
