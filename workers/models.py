@@ -27,8 +27,11 @@ MODEL_DIR = CONFIG_DIR / "models"
 
 @cache
 def register_repo_models() -> None:
-    """Make configs/models/*.json CLIP architectures known to open_clip (idempotent)."""
+    """Make configs/models/*.json CLIP architectures known to open_clip and this repo's timm architectures
+    (workers/architectures.py) known to timm (idempotent)."""
     import open_clip
+
+    import workers.architectures  # noqa: F401  (registers with timm on import)
 
     open_clip.add_model_config(MODEL_DIR)
 
@@ -156,6 +159,7 @@ class VitLabeler:
         import timm
         from timm.data import create_transform, resolve_data_config
 
+        register_repo_models()
         names = _read_class_names(spec.class_names)
         meta = read_weights_metadata(spec.checkpoint) if spec.checkpoint else {}
         if names is None and "class_names" in meta:
