@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.common import machine, print_ratios  # noqa: E402
 from workers.config import CONFIG_DIR, load_config  # noqa: E402
 from workers.embed import ShardEmbedder  # noqa: E402
 from workers.reader import RawSample, ShardReader, decode  # noqa: E402
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG_DIR / "demo.yaml")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--samples-per-shard", type=int, default=256)
+    parser.add_argument("--skip-flow", action="store_true", help="only forward and worker (no Ray/Prefect)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="shardlight-bench-") as tmp:
@@ -83,16 +84,17 @@ def main() -> None:
         bare_forward(embedder, shards[:1])  # warm-up
         forward = bare_forward(embedder, shards)
         worker = in_process_worker(embedder, shards, tmp / "worker-out")
+        describe = ", ".join(f"{k} {v}" for k, v in embedder.describe().items() if k != "dim")
         del embedder
-        stage, total = whole_flow(args.config, tmp / "data", tmp / "flow-out")
+        if not args.skip_flow:
+            stage, total = whole_flow(args.config, tmp / "data", tmp / "flow-out")
 
     n = args.shards * args.samples_per_shard
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}; "
-          f"config {args.config.name}; {n} images in {args.shards} shards")
-    print(f"{'measure':<12}{'images/s':>10}{'÷ forward':>11}")
-    for name, value in (("forward", forward), ("worker", worker), ("flow-stage", stage), ("flow-total", total)):
-        print(f"{name:<12}{value:>10.1f}{value / forward:>11.2f}")
+    print(f"\n{machine()}; config {args.config.name} ({describe}); {n} images in {args.shards} shards")
+    rows = [("forward", forward), ("worker", worker)]
+    if not args.skip_flow:
+        rows += [("flow-stage", stage), ("flow-total", total)]
+    print_ratios(rows, "÷ forward")
 
 
 if __name__ == "__main__":

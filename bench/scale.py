@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,8 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ray  # noqa: E402
-import torch  # noqa: E402
 
+from bench.common import machine, print_ratios  # noqa: E402
 from workers.config import CONFIG_DIR, load_config  # noqa: E402
 from workers.embed import ShardEmbedder  # noqa: E402
 from workers.pool import PoolPlan, ShardPool  # noqa: E402
@@ -56,13 +55,8 @@ def main() -> None:
         shards = [str(p) for p in write_shards(Path(tmp) / "data", args.shards, args.samples_per_shard, seed=7)]
         results = [(name, measure(cfg, shards, Path(tmp) / f"out{i}", plan)) for i, (name, plan) in enumerate(setups)]
     ray.shutdown()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    print(f"\nmachine: {platform.machine()}, {cpus} CPUs, {device}; config {args.config.name}; "
-          f"{args.shards} shards × {args.samples_per_shard} images")
-    base = results[0][1]
-    print(f"{'pool':<16}{'images/s':>10}{'speed-up':>10}")
-    for name, value in results:
-        print(f"{name:<16}{value:>10.1f}{value / base:>10.2f}")
+    print(f"\n{machine()}; config {args.config.name}; {args.shards} shards × {args.samples_per_shard} images")
+    print_ratios(results, "speed-up", first_title="pool")
 
 
 if __name__ == "__main__":

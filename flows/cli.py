@@ -96,9 +96,17 @@ def _print_summary(s: dict) -> None:
     table = Table(title="run summary", show_header=False)
     for name in ("shards", "processed", "skipped", "samples_read", "rows", "errors", "no_caption", "images_per_s"):
         table.add_row(name, str(s[name]))
+    aug = s.get("augment")
+    if aug:
+        modes = ", ".join(f"{mode} {n}" for mode, n in sorted(aug["by_mode"].items()))
+        agree = f"; ViT agrees with the target class on {aug['label_agrees'] / aug['rows']:.0%}" if aug["rows"] else ""
+        table.add_row("synthetic rows", f"{aug['rows']} kept of {aug['generated']} generated ({modes}; "
+                                        f"{aug['dropped_low_clip']} under min_clip_score){agree}")
     if s["index"]:
         table.add_row("index", f"{s['index']['count']} vectors ({s['index']['factory']})")
     console.print(table)
+    for shard, reason in (aug or {}).get("failed", {}).items():
+        err_console.print(f"[red]augmenting failed[/] {shard}: {reason}")
     for shard, problem in s["shard_problems"].items():
         console.print(f"[yellow]shard {shard}:[/] {problem}")
     for shard, reason in s["failed"].items():
@@ -144,7 +152,8 @@ def _print_hits(title: str, hits: list) -> None:
         table.add_column(col)
     for i, h in enumerate(hits, 1):
         label = f"{h.label} ({h.label_prob:.2f})" if h.label else "-"
-        table.add_row(str(i), h.key, f"{h.score:.3f}", label, h.caption or "")
+        caption = "[dim](DiT-generated)[/]" if h.synthetic else h.caption or ""
+        table.add_row(str(i), h.key, f"{h.score:.3f}", label, caption)
     console.print(table)
 
 
@@ -172,14 +181,17 @@ def train_demo_models(
     dit: bool = typer.Option(True, help="Train the class-conditional DiT (after the ViT and CLIP it is scored with)."),
     quick: bool = typer.Option(False, help="A few steps only: a smoke test, not usable models."),
     threads: int = typer.Option(2, min=1, help="torch CPU threads."),
+    dit_device: str = typer.Option("auto", help="DiT training device: auto (a CUDA GPU when present, with "
+                                                 "its larger recipe), cpu or cuda."),
 ) -> None:
-    """Regenerate the demo data and train the demo models on CPU, with held-out metrics in model cards."""
+    """Regenerate the demo data and train the demo models (ViT and CLIP on CPU, the DiT on CPU or GPU), with
+    held-out metrics in model cards."""
     from workers.train_dit import train_demo_dit
     from workers.training import train_demo_models as train
 
     results = train(out_dir, clip=clip, vit=vit, quick=quick, threads=threads) if (clip or vit) else {}
     if dit:
-        results["dit"] = train_demo_dit(out_dir, quick=quick)
+        results["dit"] = train_demo_dit(out_dir, quick=quick, device=dit_device)
     for name, metrics in results.items():
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
         console.print(f"[bold]{name}[/]: {shown}")
@@ -238,6 +250,11 @@ def demo(
         _print_hits(text, searcher.search(text=text, k=k))
     first = searcher.keys[0]
     _print_hits(f"more like {first}", searcher.search(key=first, k=k))
+    if cfg.augment.enabled:
+        from flows.augment_preview import augment_preview as preview
+
+        _print_hits(f"{DEMO_QUERIES[0]} (generated only)", searcher.search(text=DEMO_QUERIES[0], k=k, synthetic=True))
+        console.print(f"DiT augmentations: {preview(cfg.output, workdir / 'augment-preview.png')}")
     console.print(f"outputs in {cfg.output}; try: shardlight query {cfg.output} \"a purple square\"")
 
 

@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -34,7 +35,7 @@ from workers.embed import shard_done  # noqa: E402
 from workers.errors import InputError, ShardlightError  # noqa: E402
 from workers.augment import ShardAugmenter, augment_done  # noqa: E402
 from workers.pool import embed_shards, run_stage  # noqa: E402
-from workers.schema import embeddings_path, read_stats, run_record_path  # noqa: E402
+from workers.schema import augmented_path, embeddings_path, read_stats, run_record_path  # noqa: E402
 from workers.storage import is_local, list_shards, makedirs, shard_name, write_atomic  # noqa: E402
 
 log = logging.getLogger("shardlight")
@@ -158,7 +159,21 @@ def _code_version() -> str | None:
         return None
 
 
-def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None) -> dict:
+def augment_totals(cfg: RunConfig, shards: list[str], augmented: dict) -> dict | None:
+    """Totals over every augmented shard's recorded stats; None when the stage is off."""
+    if not cfg.augment.enabled:
+        return None
+    stats = [read_stats(augmented_path(cfg.output, shard_name(s), "parquet")) for s in shards
+             if augment_done(cfg.output, s)]
+    by_mode = Counter()
+    for s in stats:
+        by_mode.update(s["by_mode"])
+    return {"shards": len(stats), "processed": len(augmented["stats"]), "failed": augmented["failed"],
+            **{k: sum(s[k] for s in stats) for k in ("generated", "rows", "dropped_low_clip", "label_agrees")},
+            "by_mode": dict(by_mode)}
+
+
+def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None, augmented: dict) -> dict:
     """Totals over every shard's recorded stats (this run's and earlier runs')."""
     done = [s for s in plan["shards"] if shard_done(cfg.output, s)]
     stats = [read_stats(embeddings_path(cfg.output, shard_name(s))) for s in done]
@@ -172,6 +187,7 @@ def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None) ->
         "new_rows": new_rows,
         "images_per_s": round(new_rows / embedded["seconds"], 2) if embedded["seconds"] else None,
         "worker": embedded["worker"],
+        "augment": augment_totals(cfg, plan["shards"], augmented),
         "index": None if index is None else {"count": index["count"], "factory": index["factory"],
                                              "fingerprint": index["fingerprint"], "update": index["update"]["mode"]},
     }
@@ -214,9 +230,9 @@ def pipeline(config: dict, wait_s: float = 0.0) -> dict:
     with OutputLease(cfg.output, wait_s=wait_s):
         plan = plan_shards(cfg)
         embedded = embed_stage(cfg, plan["todo"])
-        augment_stage(cfg, plan["shards"])
+        augmented = augment_stage(cfg, plan["shards"])
         index = index_stage(cfg) if cfg.index.build and embedding_files(cfg.output) else None
-        summary = summarize(cfg, plan, embedded, index)
+        summary = summarize(cfg, plan, embedded, index, augmented)
         record_run(cfg, summary, started)
         publish_report(cfg)
     return summary

@@ -16,7 +16,8 @@ from collections import defaultdict
 from PIL import Image
 
 from flows.report_data import Sample
-from workers.storage import exists, join, open_read
+from workers.schema import augmented_path
+from workers.storage import exists, open_read, read_ranges
 
 log = logging.getLogger("shardlight")
 
@@ -27,7 +28,7 @@ def read_images(out: str, samples: list[Sample], source_urls: dict[str, str]) ->
     """Image bytes by key for `samples`; None where the image cannot be found."""
     groups: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
-        url = join(out, "augmented", f"{s.shard}.tar") if s.synthetic else source_urls.get(s.shard)
+        url = augmented_path(out, s.shard, "tar") if s.synthetic else source_urls.get(s.shard)
         groups[url or ""].append(s)
     found: dict[str, bytes | None] = {}
     for url, group in groups.items():
@@ -43,10 +44,8 @@ def _read_group(url: str, samples: list[Sample]) -> dict[str, bytes | None]:
         return result
     try:
         seekable = [s for s in samples if s.tar_offset is not None and s.tar_size]
-        with open_read(url) as f:
-            for s in seekable:
-                f.seek(s.tar_offset)
-                result[s.key] = f.read(s.tar_size)
+        for s, data in zip(seekable, read_ranges(url, [(s.tar_offset, s.tar_size) for s in seekable])):
+            result[s.key] = data
         rest = {s.key for s in samples if result[s.key] is None}
         if rest:
             result.update(_scan_tar(url, rest))

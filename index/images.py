@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 
 from index.search import Searcher
 from workers.errors import InputError
-from workers.schema import read_stats
-from workers.storage import join, open_read
+from workers.schema import augmented_path, read_stats
+from workers.storage import open_read, read_ranges
 
 MEDIA_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 MAX_IMAGE_BYTES = 64 << 20  # a recorded size above this is treated as corrupt metadata
@@ -51,7 +51,7 @@ class ImageStore:
         """Input rows: the source shard recorded in the shard's stats; generated rows: OUT/augmented/<shard>.tar."""
         source, shard = self.searcher.parts[part].split("/", 1)
         if source == "augmented":
-            return join(self.searcher.out, "augmented", f"{shard}.tar")
+            return augmented_path(self.searcher.out, shard, "tar")
         return read_stats(self.searcher.part_url(part)).get("url")
 
     def locate(self, key: str) -> ImageRef:
@@ -70,9 +70,7 @@ class ImageStore:
         """(bytes, media type) of the image stored for `key`."""
         ref = self.locate(key)
         try:
-            with open_read(ref.url) as f:
-                f.seek(ref.offset)
-                data = f.read(ref.size)
+            (data,) = read_ranges(ref.url, [(ref.offset, ref.size)])
         except (OSError, ValueError) as err:
             raise ImageUnavailable(f"source shard of {key!r} cannot be read: {type(err).__name__}") from None
         if len(data) != ref.size:

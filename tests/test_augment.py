@@ -17,12 +17,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from workers.augment import ShardAugmenter, augment_done, augmented_path, derive_seed  # noqa: E402
+from workers.augment import ShardAugmenter, augment_done, derive_seed  # noqa: E402
 from workers.config import AugmentSpec, ClipSpec, ComputeSpec, LabelSpec, RunConfig, parse_config  # noqa: E402
 from workers.embed import ShardEmbedder  # noqa: E402
 from workers.errors import InputError  # noqa: E402
 from workers.reader import ShardReader  # noqa: E402
-from workers.schema import CORE_COLUMNS, read_stats  # noqa: E402
+from workers.schema import CORE_COLUMNS, augmented_path, read_stats  # noqa: E402
 from workers.synthetic import write_shards  # noqa: E402
 from workers.train_dit import DitRecipe, _quick, build_demo_model, save_dit  # noqa: E402
 

@@ -28,12 +28,8 @@ from workers.device import pick_device, pick_dtype
 from workers.generator import DiTGenerator
 from workers.models import ClipEmbedder, build_labeler
 from workers.reader import SampleError, ShardReader, decode
-from workers.schema import STATS_KEY, embeddings_path, embeddings_table, write_table
-from workers.storage import exists, join, open_read, shard_name, write_atomic
-
-
-def augmented_path(out: str, shard: str, ext: str) -> str:
-    return join(out, "augmented", f"{shard}.{ext}")
+from workers.schema import STATS_KEY, augmented_path, embeddings_path, embeddings_table, write_table
+from workers.storage import exists, open_read, shard_name, write_atomic
 
 
 def augment_done(out: str, shard_url: str) -> bool:
@@ -79,7 +75,7 @@ class ShardAugmenter:
         self.spec = augment
         self.device = pick_device(compute.device)
         self.dtype = pick_dtype(self.device, compute.precision)
-        self.gen = DiTGenerator(augment.checkpoint, augment.model, augment.vae, self.device)
+        self.gen = DiTGenerator(augment.checkpoint, augment.model, augment.vae, self.device, self.dtype)
         self.clip = ClipEmbedder(clip, self.device, self.dtype)
         self.labeler = build_labeler(labels, self.device, self.dtype, self.clip)
         self.top_k = labels.top_k

@@ -58,8 +58,9 @@ class Diffusion:
     def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Simple DDPM objective at a uniform random timestep: MSE on ε (or on v, its reparameterisation)."""
-        t = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        # Drawn on the CPU generator and moved: the same draws whichever device trains.
+        t = torch.randint(0, self.num_steps, (x0.shape[0],), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, dtype=x0.dtype, generator=generator).to(x0.device)
         pred = model(self.add_noise(x0, t, noise), t, y)[:, : x0.shape[1]]  # the ε half when Σ is learned
         if self.prediction == "eps":
             return F.mse_loss(pred, noise)
@@ -84,9 +85,9 @@ class Diffusion:
         channels = x.shape[1]
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         if guidance == 1.0:
-            return self.to_eps(model(x, tt, y)[:, :channels], x, t)
+            return self.to_eps(model(x, tt, y)[:, :channels].float(), x, t)
         null = torch.full_like(y, model.label_embed.null_class)
-        out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))[:, :channels]
+        out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))[:, :channels].float()
         cond, uncond = out.chunk(2)  # guidance on v equals guidance on ε: ε is affine in v for fixed x_t
         return self.to_eps(uncond + guidance * (cond - uncond), x, t)
 

@@ -136,17 +136,18 @@ def clip_metrics(gen: DiTGenerator, images: list, labels: list[int], untrained: 
     }
 
 
-def evaluate_dit(weights: str | Path) -> dict:
+def evaluate_dit(weights: str | Path, device: torch.device | str = "cpu") -> dict:
     """Generate `eval_per_class` images per class with the shipped settings and measure them."""
     from workers.train_dit import DitRecipe, build_demo_model
     from workers.training import decode, held_out_samples
 
     start = time.monotonic()
-    gen = DiTGenerator(str(weights))
+    device = torch.device(device)
+    gen = DiTGenerator(str(weights), device=device)
     recipe = DitRecipe(**json.loads(gen_meta(weights)["recipe"]))
     images, labels = generate_per_class(gen, recipe.eval_per_class, recipe.eval_seed)
     trained = gen.model
-    gen.model = build_demo_model(recipe).eval()  # same architecture and init seed, no training
+    gen.model = build_demo_model(recipe).eval().to(device)  # same architecture and init seed, no training
     untrained, _ = generate_per_class(gen, recipe.eval_per_class, recipe.eval_seed)
     gen.model = trained
     held_out = held_out_samples(recipe.eval_seed, recipe.eval_per_class)
@@ -204,18 +205,18 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
         *[f"| {k} | {_fmt(v)} |" for k, v in headline.items()], "",
         f"Target: ViT accuracy ≥ {VIT_TARGET} (issue 4)"
         + ("." if (metrics.get("vit_accuracy") or 0) >= VIT_TARGET else
-           " — **not met**; see docs/dit.md for why (training budget; the ViT's own real-image top-1) and what "
-           "is next.") + " `reference_cnn_*`: a small CNN trained for "
+           " — **not met**; see docs/dit.md.") + " `reference_cnn_*`: a small CNN trained for "
         "evaluation only on the DiT's own 32 px training images (independent of the shipped ViT); its accuracy "
         "on real held-out images is the ceiling for the generated ones. CLIP-FD: Fréchet distance of CLIP image "
         "features, generated vs real held-out (lower is better); `_real_at_model_size` is real images reduced "
         "to 32 px and back, the floor this resolution allows.", "",
         *(["Per class ViT accuracy:", "", "| class | accuracy |", "|---|---|",
            *[f"| {k} | {v:.2f} |" for k, v in per_class.items()], ""] if per_class else []),
-        "Training loss (every 100 steps): " + ", ".join(f"{e['step']}: {e['loss']}" for e in log), "",
-        f"Training time: {float(meta['train_seconds']) / 60:.1f} min on a shared 2-core CPU "
-        f"(python {platform.python_version()}, torch {torch.__version__}, {recipe['threads']} thread).", "",
-        "## Reproduce", "", "```", "from workers.train_dit import train_demo_dit",
-        "train_demo_dit('configs/models')", "```", "",
+        "Training loss (step: mean since the previous entry): " + ", ".join(f"{e['step']}: {e['loss']}" for e in log), "",
+        f"Training time: {float(meta['train_seconds']) / 60:.1f} min on {meta.get('trained_on', 'CPU')} "
+        f"(python {platform.python_version()}, torch {torch.__version__}).", "",
+        "## Reproduce", "", "```",
+        "shardlight train-demo-models configs/models --no-vit --no-clip   # GPU_RECIPE on a CUDA GPU, else the CPU recipe",
+        "```", "",
     ]
     path.write_text("\n".join(lines))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workers.device import autocast
 from workers.diffusion import Diffusion, seeded_noise
 from workers.dit import DIT_MODELS, DiT, DiTConfig, _SIZES
 from workers.errors import ModelLoadError
@@ -134,8 +135,8 @@ class DiTGenerator:
     """A loaded DiT with its schedule and codec; `generate` and `vary` return PIL images."""
 
     def __init__(self, checkpoint: str | None, name: str | None = None, vae: str | None = None,
-                 device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
         self.model, meta = _load_dit(name, checkpoint)
         self.model.to(self.device)
         cfg = self.model.config
@@ -163,18 +164,21 @@ class DiTGenerator:
                  guidance: float | None = None) -> list[Image.Image]:
         """One image per (label, seed) from pure noise, by deterministic DDIM."""
         noise = seeded_noise(seeds, self.shape, self.device)
-        x = self.diffusion.sample(self.model, noise, self._labels(labels), steps or self.default_steps,
-                                  self.default_guidance if guidance is None else guidance, clip=not self.latent)
-        return self.codec.decode(x)
+        with autocast(self.device, self.dtype):  # the denoiser only; the DDIM update stays fp32
+            x = self.diffusion.sample(self.model, noise, self._labels(labels), steps or self.default_steps,
+                                      self.default_guidance if guidance is None else guidance, clip=not self.latent)
+        return self.codec.decode(x.float())
 
     def vary(self, images: list[Image.Image], labels: list[int], seeds: list[int], strength: float,
              steps: int | None = None, guidance: float | None = None) -> list[Image.Image]:
         """SDEdit variations: each source noised to `strength`, then denoised under its label."""
         x0 = self.codec.encode(images, self.device)
         noise = seeded_noise(seeds, self.shape, self.device)
-        x = self.diffusion.vary(self.model, x0, self._labels(labels), noise, strength, steps or self.default_steps,
-                                self.default_guidance if guidance is None else guidance, clip=not self.latent)
-        return self.codec.decode(x)
+        with autocast(self.device, self.dtype):
+            x = self.diffusion.vary(self.model, x0, self._labels(labels), noise, strength,
+                                    steps or self.default_steps, self.default_guidance if guidance is None else guidance,
+                                    clip=not self.latent)
+        return self.codec.decode(x.float())
 
 
 def _imagenet_names(cfg: DiTConfig) -> list[str]:

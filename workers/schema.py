@@ -41,6 +41,11 @@ def errors_path(out: str, shard: str) -> str:
     return join(out, "errors", f"{shard}.parquet")
 
 
+def augmented_path(out: str, shard: str, ext: str) -> str:
+    """OUT/augmented/<shard>.tar (generated images) or .parquet (their rows)."""
+    return join(out, "augmented", f"{shard}.{ext}")
+
+
 def _vectors(rows: np.ndarray | list, dim: int, mask: np.ndarray | None = None) -> pa.Array:
     flat = pa.array(np.ascontiguousarray(rows, dtype=np.float32).reshape(-1))
     arr = pa.FixedSizeListArray.from_arrays(flat, dim)

@@ -118,6 +118,16 @@ def read_bytes(url: str) -> bytes:
     return fs.cat_file(path)
 
 
+def read_ranges(url: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes at each (offset, size) of one file, opened once: tar members by their recorded offsets."""
+    with open_read(url) as f:
+        found = []
+        for offset, size in ranges:
+            f.seek(offset)
+            found.append(f.read(size))
+    return found
+
+
 def open_read(url: str):
     fs, path = filesystem(url)
     return fs.open(path, "rb")
