@@ -74,6 +74,22 @@ def plan_shards(cfg: RunConfig) -> dict:
     return {"shards": shards, "todo": todo}
 
 
+class _ShardProgress:
+    """A progress bar over shards showing a running count and images/s, fed each finished shard's stats."""
+
+    def __init__(self, desc: str, total: int, count: str):
+        self.bar = tqdm(total=total, unit="shard", desc=desc, dynamic_ncols=True)
+        self.count, self.done, self.start = count, 0, time.perf_counter()
+
+    def __call__(self, stats: dict) -> None:
+        self.done += stats[self.count]
+        self.bar.set_postfix({self.count: self.done, "img_s": f"{self.done / (time.perf_counter() - self.start):.1f}"})
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @task(name="embed-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
 def embed_stage(cfg: RunConfig, todo: list[str]) -> dict:
     """Embed and label every shard still to do on the Ray actor pool, with a progress bar."""
@@ -82,21 +98,17 @@ def embed_stage(cfg: RunConfig, todo: list[str]) -> dict:
         log.info("nothing to embed: every shard already has its output")
         return {"stats": [], "failed": {}, "worker": {}, "seconds": 0.0}
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="shard", desc="embedding", dynamic_ncols=True)
-    rows = 0
+    progress = _ShardProgress("embedding", len(todo), "rows")
 
     def on_done(stats: dict) -> None:
-        nonlocal rows
-        rows += stats["rows"]
-        bar.set_postfix(rows=rows, img_s=f"{rows / (time.perf_counter() - start):.1f}")
-        bar.update(1)
+        progress(stats)
         if stats["problem"]:
             log.warning("shard %s: %s", stats["shard"], stats["problem"])
 
     try:
         result = embed_shards(cfg, cfg.output, todo, on_done)
     finally:
-        bar.close()
+        progress.close()
     for shard, reason in result.failed.items():
         log.error("shard %s failed: %s", shard, reason)
     return {"stats": result.stats, "failed": result.failed, "worker": result.worker,
@@ -112,9 +124,14 @@ def augment_stage(cfg: RunConfig, shards: list[str]) -> dict:
     if not todo:
         log.info("nothing to augment: every shard already has its augmentations")
         return {"stats": [], "failed": {}}
-    result = run_stage(cfg, cfg.output, todo, ShardAugmenter, (cfg.augment, cfg.clip, cfg.labels, cfg.compute))
-    generated = sum(s.get("rows", 0) for s in result.stats)
-    log.info("augmented %d shard(s): %d synthetic rows kept", len(result.stats), generated)
+    progress = _ShardProgress("augmenting", len(todo), "generated")
+    try:
+        result = run_stage(cfg, cfg.output, todo, ShardAugmenter,
+                           (cfg.augment, cfg.clip, cfg.labels, cfg.compute), progress)
+    finally:
+        progress.close()
+    kept = sum(s.get("rows", 0) for s in result.stats)
+    log.info("augmented %d shard(s): %d synthetic rows kept", len(result.stats), kept)
     for shard, reason in result.failed.items():
         log.error("augmenting %s failed: %s", shard, reason)
     return {"stats": result.stats, "failed": result.failed}

@@ -306,11 +306,11 @@ def test_latent_model_without_vae_is_one_line_error(tmp_path):
 # The shipped demo DiT --------------------------------------------------------------------------------
 
 SHIPPED = {name: MODEL_DIR / f"{name}.safetensors" for name in ("shapes-dit", "shapes-vit")}
-# Measured on the shipped files (configs/models/shapes-dit.md), with margin for other seeds. The shipped ViT
-# itself reaches only ~0.37 top-1 on real held-out images, which caps what it can confirm on generated ones;
-# the reference CNN (0.93 on real held-out images) is the sharper judge.
-VIT_MIN = 0.15  # measured 0.30 over 20/class (0.26 on this test's 4/class)
-CNN_MIN = 0.15  # measured 0.27 over 20/class; an untrained DiT scores 0.04 (chance)
+# Measured on the shipped files (configs/models/shapes-dit.md, 20 per class): the demo ViT says the
+# conditioning class for 0.71 of generated images (issue 4's target is 0.80: not met, docs/dit.md), the
+# reference CNN (0.93 on real held-out images) for 0.62. Floors leave margin for this test's 4 per class.
+VIT_MIN = 0.55
+CNN_MIN = 0.45
 CHANCE = 1 / 24
 
 
@@ -337,7 +337,7 @@ def test_train_demo_dit_quick_writes_weights_and_card(tmp_path):
     from workers.models import read_weights_metadata
     from workers.train_dit import train_demo_dit
 
-    result = train_demo_dit(tmp_path, quick=True)
+    result = train_demo_dit(tmp_path, quick=True, device="cpu")
     weights = tmp_path / "shapes-dit.safetensors"
     meta = read_weights_metadata(weights)
     assert result["weights"] == str(weights) and weights.stat().st_size < 10e6

@@ -227,7 +227,7 @@ def _png(image: Image.Image) -> bytes:
 def _tar(members: list[tuple[str, bytes, dict]]) -> bytes:
     """A WebDataset shard in memory (KEY.png + KEY.json), written atomically by the caller."""
     buf = io.BytesIO()
-    with wds.TarWriter(buf) as sink:
+    with wds.TarWriter(buf, mtime=0) as sink:  # fixed mtime: a re-run writes the same bytes
         for key, png, meta in members:
             sink.write({"__key__": key, "png": png, "json": json.dumps(meta).encode()})
     return buf.getvalue()

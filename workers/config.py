@@ -68,7 +68,7 @@ class IndexSpec(_Strict):
 
 class AugmentSpec(_Strict):
     enabled: bool = False  # run the DiT augmentation stage after embedding
-    model: str = "DiT-Tiny/4"  # workers.dit.DIT_MODELS name; a published .pt takes its heads from it (DiT-XL/2)
+    model: str = "DiT-Tiny/4"  # DIT_MODELS name for a published .pt (DiT-XL/2); a demo .safetensors carries its own
     checkpoint: str | None = None  # local DiT weights: the demo .safetensors or a published .pt
     vae: str | None = None  # local diffusers AutoencoderKL folder, needed by latent models (DiT-XL/2-256)
     modes: list[Literal["generate", "vary"]] = ["generate", "vary"]  # which augmentations to make

@@ -214,7 +214,8 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
            *[f"| {k} | {v:.2f} |" for k, v in per_class.items()], ""] if per_class else []),
         "Training loss (step: mean since the previous entry): " + ", ".join(f"{e['step']}: {e['loss']}" for e in log), "",
         f"Training time: {float(meta['train_seconds']) / 60:.1f} min on {meta.get('trained_on', 'CPU')} "
-        f"(python {platform.python_version()}, torch {torch.__version__}).", "",
+        f"({meta.get('software', 'software versions not recorded')}); evaluated with python "
+        f"{platform.python_version()}, torch {torch.__version__}.", "",
         "## Reproduce", "", "```",
         "shardlight train-demo-models configs/models --no-vit --no-clip   # GPU_RECIPE on a CUDA GPU, else the CPU recipe",
         "```", "",

@@ -159,7 +159,7 @@ def write_shards(out_dir: str | Path, shards: int, samples_per_shard: int, seed:
         rng = random.Random(f"{seed}-{shard}")
         path = out / f"{shard:05d}.tar"
         tmp = path.with_name(path.name + ".tmp")
-        with wds.TarWriter(str(tmp)) as sink:
+        with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: same seed, same bytes
             for i in range(samples_per_shard):
                 key = f"{shard:05d}{i:04d}"
                 # Balanced classes: cycle through every class, then shuffle its scene details.

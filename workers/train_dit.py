@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -170,7 +171,7 @@ def save_dit(model: torch.nn.Module, path: Path, recipe: DitRecipe, log: list[di
         "prediction": recipe.prediction,
         "guidance": str(recipe.guidance), "sample_steps": str(recipe.sample_steps),
         "recipe": json.dumps(asdict(recipe)), "loss_log": json.dumps(log), "train_seconds": f"{seconds:.0f}",
-        "trained_on": trained_on,
+        "trained_on": trained_on, "software": f"python {platform.python_version()}, torch {torch.__version__}",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
