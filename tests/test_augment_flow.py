@@ -71,6 +71,15 @@ def test_shards_and_parquet_rows_describe_each_image(run):
                 assert row["source_key"] in sources and meta["strength"] == config["augment"]["strength"]
 
 
+def test_each_shard_generates_its_own_images(run):
+    config, _ = run
+    out = Path(config["output"]) / "augmented"
+    pngs = [{name.split("_", 1)[1]: data for name, data in _members(out / f"{shard}.tar").items()
+             if "_gen_" in name and name.endswith(".png")} for shard in ("00000", "00001")]
+    assert pngs[0].keys() == pngs[1].keys() and len(pngs[0]) == len(CLASSES)  # same classes, same indices...
+    assert all(pngs[0][name] != pngs[1][name] for name in pngs[0])  # ...but other seeds, so other images
+
+
 def test_index_holds_real_and_generated_rows_and_filters_them(run):
     config, summary = run
     index, _, _ = load_index(config["output"])

@@ -51,7 +51,11 @@ def check_augment_files(spec: AugmentSpec) -> None:
 
 
 def derive_seed(base: int, mode: str, ident: str, index: int) -> int:
-    """A 63-bit seed from (run seed, mode, source key or class name, index): stable across runs and machines."""
+    """A 63-bit seed from (run seed, mode, source key or shard/class, index): stable across runs and machines.
+
+    `generate` identifies a class within its shard ("00003/red circle"), so every shard adds new images
+    rather than the same ones again.
+    """
     digest = hashlib.sha256(f"{base}|{mode}|{ident}|{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
@@ -126,7 +130,7 @@ class ShardAugmenter:
                     raise ValueError(f"augment.classes: {cls!r} is not a class of the DiT")
                 for i in range(spec.generate_per_class):
                     jobs.append(Job(f"{name}_gen_{self.class_ids[cls]:04d}_{i:03d}", "generate",
-                                    self.class_ids[cls], derive_seed(spec.seed, "generate", cls, i)))
+                                    self.class_ids[cls], derive_seed(spec.seed, "generate", f"{name}/{cls}", i)))
         if "vary" in spec.modes and spec.vary_sources and spec.vary_per_source:
             sources = {r["key"]: r["label"] for r in known[: spec.vary_sources]}
             for key, image in self._source_images(shard_url, sources):
