@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from functools import partial
@@ -32,7 +31,7 @@ from timm.models.vision_transformer_hybrid import HybridEmbed  # noqa: E402
 
 from workers.architectures import conv_stem, default_cfgs  # noqa: E402
 from workers.synthetic import CLASS_NAMES, SHAPES  # noqa: E402
-from workers.training import fresh_batches  # noqa: E402
+from workers.training import fresh_batches, warmup_cosine  # noqa: E402
 
 VARIANTS = {
     "vit8": dict(patch_size=8, embed_dim=96, depth=6),
@@ -64,9 +63,7 @@ def main() -> None:
 
     transform = create_transform(input_size=(3, 64, 64), mean=cfg["mean"], std=cfg["std"], crop_pct=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1, s / args.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, 200, args.steps))
     eval_x, eval_y = next(fresh_batches(seed=1001, batch_size=960, steps=1, transform=transform))
     eval_x, eval_y = eval_x.to(device), eval_y.to(device)
     curve, start = [], time.time()

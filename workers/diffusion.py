@@ -13,7 +13,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 Schedule = Literal["linear", "cosine"]
 Prediction = Literal["eps", "v"]
@@ -55,17 +54,29 @@ class Diffusion:
         ab = self._ab(t, x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-    def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Simple DDPM objective at a uniform random timestep: MSE on ε (or on v, its reparameterisation)."""
+    def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+                      min_snr_gamma: float | None = None) -> torch.Tensor:
+        """Simple DDPM objective at a uniform random timestep: MSE on ε (or on v, its reparameterisation).
+
+        `min_snr_gamma` weights each sample as Min-SNR-γ does (Hang et al. 2023): the loss measured on x₀ is
+        weighted by min(SNR, γ), so the many nearly-noiseless timesteps stop dominating the gradient.
+        """
         # Drawn on the CPU generator and moved: the same draws whichever device trains.
         t = torch.randint(0, self.num_steps, (x0.shape[0],), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, dtype=x0.dtype, generator=generator).to(x0.device)
         pred = model(self.add_noise(x0, t, noise), t, y)[:, : x0.shape[1]]  # the ε half when Σ is learned
-        if self.prediction == "eps":
-            return F.mse_loss(pred, noise)
         ab = self._ab(t, x0)
-        return F.mse_loss(pred, ab.sqrt() * noise - (1 - ab).sqrt() * x0)
+        target = noise if self.prediction == "eps" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        per_sample = ((pred.float() - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        if min_snr_gamma is None:
+            return per_sample.mean()
+        # Both losses are the x₀ error times a factor of the SNR: ε-loss = x₀-loss · SNR, v-loss = x₀-loss · (SNR+1).
+        snr = (ab / (1 - ab)).flatten()
+        if self.prediction == "eps":
+            weight = (min_snr_gamma / snr).clamp(max=1.0)
+        else:
+            weight = snr.clamp(max=min_snr_gamma) / (snr + 1)
+        return (weight * per_sample).mean()
 
     def to_eps(self, out: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
         """The network's output as ε."""

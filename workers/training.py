@@ -113,6 +113,14 @@ def class_prompt_templates() -> tuple[str, ...]:
 
 # Optimisation ------------------------------------------------------------------------------------
 
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up over `warmup` steps, then cosine decay from 1 to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _optimizer(model: torch.nn.Module, recipe: Recipe, total_steps: int):
     """AdamW on the trainable parameters, no decay on gains, biases, temperature and CLIP embeddings;
     linear warm-up then cosine decay."""
@@ -122,13 +130,8 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe, total_steps: int):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
 
-    def factor(step: int) -> float:
-        if step < recipe.warmup_steps:
-            return (step + 1) / recipe.warmup_steps
-        progress = (step - recipe.warmup_steps) / max(1, total_steps - recipe.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: warmup_cosine(step, recipe.warmup_steps, total_steps))
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
