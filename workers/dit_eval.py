@@ -23,7 +23,9 @@ from PIL import Image
 from workers import synthetic
 from workers.config import ClipSpec, LabelSpec
 from workers.generator import DiTGenerator
-from workers.models import MODEL_DIR, ClipEmbedder, VitLabeler
+from workers.models import MODEL_DIR, ClipEmbedder, VitLabeler, read_weights_metadata
+from workers.train_dit import DitRecipe, build_demo_model, to_model_pixels, training_set
+from workers.training import decode, fmt_metric, held_out_samples
 
 CLASS_PROMPT = "a photo of a {}"
 VIT_TARGET = 0.80  # issue 4: share of generated images the ViT assigns to the conditioning class
@@ -65,8 +67,6 @@ def _reference_cnn(classes: int) -> torch.nn.Module:
 def train_reference_classifier(recipe, epochs: int = 6) -> torch.nn.Module:
     """A small CNN on the DiT's own training images at the model's size: an independent judge of what
     the DiT draws, since it sees exactly the pixels the DiT models (no up-sampling, no JPEG)."""
-    from workers.train_dit import training_set
-
     pixels, labels = training_set(recipe)
     torch.manual_seed(recipe.init_seed)
     cnn = _reference_cnn(len(synthetic.CLASS_NAMES))
@@ -88,8 +88,6 @@ def train_reference_classifier(recipe, epochs: int = 6) -> torch.nn.Module:
 
 @torch.no_grad()
 def reference_accuracy(cnn: torch.nn.Module, images: list[Image.Image], labels: list[int], size: int) -> float:
-    from workers.train_dit import to_model_pixels
-
     predicted = torch.cat([cnn(to_model_pixels(images[i:i + 256], size)).argmax(1) for i in range(0, len(images), 256)])
     return float((predicted == torch.tensor(labels)).float().mean())
 
@@ -138,13 +136,10 @@ def clip_metrics(gen: DiTGenerator, images: list, labels: list[int], untrained: 
 
 def evaluate_dit(weights: str | Path, device: torch.device | str = "cpu") -> dict:
     """Generate `eval_per_class` images per class with the shipped settings and measure them."""
-    from workers.train_dit import DitRecipe, build_demo_model
-    from workers.training import decode, held_out_samples
-
     start = time.monotonic()
     device = torch.device(device)
     gen = DiTGenerator(str(weights), device=device)
-    recipe = DitRecipe(**json.loads(gen_meta(weights)["recipe"]))
+    recipe = DitRecipe(**json.loads(read_weights_metadata(weights)["recipe"]))
     images, labels = generate_per_class(gen, recipe.eval_per_class, recipe.eval_seed)
     trained = gen.model
     gen.model = build_demo_model(recipe).eval().to(device)  # same architecture and init seed, no training
@@ -166,19 +161,9 @@ def evaluate_dit(weights: str | Path, device: torch.device | str = "cpu") -> dic
     return metrics
 
 
-def gen_meta(weights: str | Path) -> dict:
-    from workers.models import read_weights_metadata
-
-    return read_weights_metadata(weights)
-
-
-def _fmt(v) -> str:
-    return "not measured (shipped weights missing)" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
 def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
     """The markdown model card: architecture, data, hyper-parameters, time and measured metrics."""
-    meta = gen_meta(weights)
+    meta = read_weights_metadata(weights)
     recipe, log = json.loads(meta["recipe"]), json.loads(meta["loss_log"])
     patch = json.loads(meta["dit_config"])["patch_size"]
     tokens = (recipe["model_size"] // patch) ** 2
@@ -202,7 +187,7 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
         "## Hyper-parameters", "", "| name | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in recipe.items()], "",
         "## Measured", "", "| metric | value |", "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in headline.items()], "",
+        *[f"| {k} | {fmt_metric(v, missing='not measured (shipped weights missing)')} |" for k, v in headline.items()], "",
         f"Target: ViT accuracy ≥ {VIT_TARGET} (issue 4)"
         + ("." if (metrics.get("vit_accuracy") or 0) >= VIT_TARGET else
            " — **not met**; see docs/dit.md.") + " `reference_cnn_*`: a small CNN trained for "

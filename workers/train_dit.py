@@ -28,7 +28,7 @@ from workers import synthetic
 from workers.device import pick_device
 from workers.diffusion import Diffusion
 from workers.dit import build_dit
-from workers.training import decode, make_samples, metadata, warmup_cosine
+from workers.training import decode, fp16_state, make_samples, metadata, warmup_cosine
 
 DIT_NAME = "shapes-dit"
 
@@ -160,7 +160,6 @@ def train_dit(recipe: DitRecipe, log_every: int | None = None,
 def save_dit(model: torch.nn.Module, path: Path, recipe: DitRecipe, log: list[dict], seconds: float,
              trained_on: str = "CPU") -> None:
     """fp16 safetensors; the header carries everything needed to rebuild and sample the model."""
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     meta = {
         "architecture": recipe.model, "dit_config": json.dumps(asdict(model.config)),
         "class_names": json.dumps(list(synthetic.CLASS_NAMES)), "space": "pixel",
@@ -172,7 +171,7 @@ def save_dit(model: torch.nn.Module, path: Path, recipe: DitRecipe, log: list[di
         "trained_on": trained_on, "software": f"python {platform.python_version()}, torch {torch.__version__}",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
+    save_file(fp16_state(model), str(path), metadata=meta)
 
 
 def train_demo_dit(out_dir: str | Path, quick: bool = False, device: str = "auto") -> dict:

@@ -294,12 +294,16 @@ def evaluate_vit(vit: VitLabeler, samples: list[dict]) -> dict:
 
 # Outputs -----------------------------------------------------------------------------------------
 
+def fp16_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to ship: floats as fp16 (loaders cast back to fp32); integer buffers (BatchNorm's
+    batch counters) keep their type."""
+    return {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
+            for k, v in model.state_dict().items()}
+
+
 def save_weights(model: torch.nn.Module, path: Path, recipe: Recipe) -> None:
-    """fp16 safetensors (loaders cast back to fp32) with class names and recipe in the header; integer
-    buffers (BatchNorm's batch counters) keep their type."""
-    state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
-             for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"class_names": json.dumps(list(synthetic.CLASS_NAMES)),
+    """fp16 safetensors with class names and recipe in the header."""
+    save_file(fp16_state(model), str(path), metadata={"class_names": json.dumps(list(synthetic.CLASS_NAMES)),
                                           "recipe": json.dumps(asdict(recipe))})
 
 
@@ -325,7 +329,7 @@ def write_card(path: Path, title: str, summary: str, recipe: Recipe, metrics: di
         "## Hyper-parameters", "", "| name | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in asdict(recipe).items()], "",
         "## Measured on held-out data", "", "| metric | value | target |", "|---|---|---|",
-        *[f"| {k} | {_fmt(v)} | {TARGETS.get(k, '')} |" for k, v in headline.items()], "",
+        *[f"| {k} | {fmt_metric(v)} | {TARGETS.get(k, '')} |" for k, v in headline.items()], "",
         *_template_table(metrics.get("per_template")),
         f"Training time: {seconds / 60:.1f} min on CPU ({_versions()}).", "",
         "## Reproduce", "", "```", REPRODUCE, "```", "",
@@ -340,8 +344,9 @@ def _training_data(recipe: Recipe) -> str:
     return f"{recipe.train_per_class} images per class for {recipe.epochs} epochs"
 
 
-def _fmt(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def fmt_metric(value, missing: str = "not measured") -> str:
+    """A metric for a model card's table: floats to 3 decimals, None as `missing`."""
+    return missing if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _template_table(per_template: dict | None) -> list[str]:
