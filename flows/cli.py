@@ -117,12 +117,15 @@ def _print_summary(s: dict) -> None:
 def index(
     out: str = typer.Argument(..., help="Output folder of a run."),
     factory: str = typer.Option("Flat", help="FAISS index_factory string, or 'auto' (chosen by size and memory)."),
+    synthetic: bool = typer.Option(True, "--synthetic/--no-synthetic",
+                                   help="Also index the DiT-generated rows (OUT/augmented)."),
 ) -> None:
-    """Rebuild the FAISS index from the embeddings Parquet files."""
+    """Rebuild the FAISS index from the Parquet files (OUT/embeddings, and OUT/augmented unless --no-synthetic)."""
     from index.build import build_index
 
-    meta = build_index(out, factory)
-    console.print(f"index: {meta['count']} vectors, {meta['factory']}, built in {meta['build_seconds']}s")
+    meta = build_index(out, factory, synthetic=synthetic)
+    generated = "" if synthetic else " (input rows only)"
+    console.print(f"index: {meta['count']} vectors{generated}, {meta['factory']}, built in {meta['build_seconds']}s")
 
 
 @app.command()
@@ -133,12 +136,14 @@ def query(
     image: Optional[Path] = typer.Option(None, help="Query by this image file instead of text."),
     key: Optional[str] = typer.Option(None, help="Query by an indexed sample's key (more like this)."),
     label: Optional[str] = typer.Option(None, help="Keep only results with this label."),
+    synthetic: Optional[bool] = typer.Option(None, "--synthetic/--no-synthetic",
+                                             help="Keep only DiT-generated rows, or only input rows (default: both)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """Nearest samples to a text, an image or an existing key."""
     from index.search import Searcher
 
-    hits = Searcher(out).search(text=text, image=image, key=key, k=k, label=label)
+    hits = Searcher(out).search(text=text, image=image, key=key, k=k, label=label, synthetic=synthetic)
     if as_json:
         for hit in hits:
             print(json.dumps(hit.to_dict()))

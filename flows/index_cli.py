@@ -55,12 +55,15 @@ def dedup(
 def index_update(
     out: str = typer.Argument(..., help="Output folder of a run."),
     rebuild_on_drift: bool = typer.Option(False, help="Rebuild instead of adding when the new data has drifted."),
+    synthetic: Optional[bool] = typer.Option(
+        None, "--synthetic/--no-synthetic",
+        help="Index the generated (augmented) rows too, or not; changing it rebuilds. Default: as built."),
     as_json: bool = typer.Option(False, "--json", help="Print the index metadata as JSON."),
 ) -> None:
     """Add new shards' embeddings to the index without retraining it (rebuilds when shards changed)."""
     from index.update import update_index
 
-    meta = update_index(out, rebuild_on_drift=rebuild_on_drift)
+    meta = update_index(out, rebuild_on_drift=rebuild_on_drift, synthetic=synthetic)
     if as_json:
         print(json.dumps(meta, indent=2))
         return

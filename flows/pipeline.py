@@ -140,11 +140,12 @@ def augment_stage(cfg: RunConfig, shards: list[str]) -> dict:
 @task(name="build-index", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
 def index_stage(cfg: RunConfig) -> dict:
     """Bring the FAISS index up to date: nothing when current, add new shards in place, else build."""
-    if is_current(cfg.output, cfg.index.factory):
+    if is_current(cfg.output, cfg.index.factory, cfg.index.synthetic):
         meta = read_meta(cfg.output)
         log.info("index is up to date (%d vectors)", meta["count"])
         return {**meta, "update": {"mode": "unchanged", "added": 0}}
-    build = {"train_sample": cfg.index.train_sample, "nprobe": cfg.index.nprobe, "model": cfg.clip.model_dump()}
+    build = {"train_sample": cfg.index.train_sample, "nprobe": cfg.index.nprobe, "model": cfg.clip.model_dump(),
+             "synthetic": cfg.index.synthetic}
     previous = read_meta(cfg.output, missing_ok=True)
     if previous and cfg.index.factory in (previous.get("requested_factory"), previous.get("factory")):
         meta = update_index(cfg.output, factory=cfg.index.factory, **build)  # same quantizer, new rows added

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from index.choose import IndexPlan, choose_index, tune_parameter
-from index.store import INDEX_DIR, META, load_index, read_meta, save  # noqa: F401  (re-exported)
+from index.store import INDEX_DIR, META, includes_synthetic, load_index, read_meta, save  # noqa: F401  (re-exported)
 from index.tune import ExactTopK, tune
 from index.vectors import (  # noqa: F401  (embedding_files, fingerprint: re-exported for flows/)
     dimension, embedding_files, file_name, fingerprint, index_files, iter_vectors, num_rows, sample, signature,
@@ -109,7 +109,7 @@ def _plan(factory: str, n: int, dim: int, memory_budget: int | None) -> IndexPla
 
 def build_index(out: str, factory: str = "Flat", train_sample: int = 100_000, nprobe: int | None = None,
                 model: dict | None = None, *, memory_budget: int | None = None, recall_target: float = 0.95,
-                tune_queries: int = 500, seed: int = 0) -> dict:
+                tune_queries: int = 500, seed: int = 0, synthetic: bool = True) -> dict:
     """Build (or rebuild) OUT/index from OUT/embeddings (and OUT/augmented) and return its metadata.
 
     Args:
@@ -122,8 +122,9 @@ def build_index(out: str, factory: str = "Flat", train_sample: int = 100_000, np
         recall_target: recall@10 vs exact search that tuning aims for.
         tune_queries: held-out query vectors used to measure recall and latency.
         seed: seed of the query sample.
+        synthetic: also index the generated rows (OUT/augmented); False indexes the input rows only.
     """
-    files = index_files(out)
+    files = index_files(out, synthetic)
     if not embedding_files(out):
         raise IndexStateError(f"no embeddings under {join(out, 'embeddings')}: run `shardlight run` first")
     start = time.perf_counter()
@@ -148,6 +149,7 @@ def build_index(out: str, factory: str = "Flat", train_sample: int = 100_000, np
         log.warning("index %s reaches recall@%d %.3f, below the %.2f target", plan.factory, RECALL_K,
                     tuning["recall_at_k"], recall_target)
     meta = _meta(files, index, plan, factory, dim, model, tuning, quantization_error(index, queries))
+    meta["synthetic"] = synthetic
     meta["timings"] = {"train_s": round(trained_at - start, 3), "add_s": round(added_at - trained_at, 3),
                        "tune_s": round(time.perf_counter() - added_at, 3)}
     meta["build_seconds"] = round(time.perf_counter() - start, 3)
@@ -155,10 +157,13 @@ def build_index(out: str, factory: str = "Flat", train_sample: int = 100_000, np
     return meta
 
 
-def is_current(out: str, factory: str | None = None) -> bool:
-    """Whether OUT/index covers exactly the current Parquet files (and was asked for as `factory`)."""
+def is_current(out: str, factory: str | None = None, synthetic: bool | None = None) -> bool:
+    """Whether OUT/index covers exactly the current Parquet files (and was asked for as `factory`, with or
+    without generated rows as `synthetic` says; None: as it was built)."""
     meta = read_meta(out, missing_ok=True)
-    if not meta or meta.get("fingerprint") != fingerprint(index_files(out)):
+    if not meta or (synthetic is not None and synthetic != includes_synthetic(meta)):
+        return False
+    if meta.get("fingerprint") != fingerprint(index_files(out, includes_synthetic(meta))):
         return False
     return factory is None or factory in (meta.get("requested_factory"), meta.get("factory"))
 

@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from index.store import load_index
+from index.store import includes_synthetic, load_index
 from index.vectors import fingerprint, index_files, iter_vectors
 from workers.errors import IndexStateError, InputError
 from workers.schema import write_table
@@ -68,7 +68,7 @@ def dedup(out: str, threshold: float = 0.95, neighbors: int = 16) -> dict:
     if not -1.0 <= threshold <= 1.0:
         raise InputError(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
     index, ids, meta = load_index(out)
-    files = index_files(out)
+    files = index_files(out, includes_synthetic(meta))
     if meta.get("fingerprint") != fingerprint(files):
         raise IndexStateError(f"the index is older than the Parquet files under {out}: "
                               f"run `shardlight index-update {out}`")

@@ -67,6 +67,11 @@ def read_meta(out: str, missing_ok: bool = False) -> dict | None:
     return json.loads(read_bytes(url))
 
 
+def includes_synthetic(meta: dict) -> bool:
+    """Whether an index holds the generated rows (OUT/augmented); indexes built before the choice existed do."""
+    return bool(meta.get("synthetic", True))
+
+
 def load_index(out: str) -> tuple[faiss.Index, pa.Table, dict]:
     """The index (with its tuned search parameter applied), its id map and its metadata."""
     meta = read_meta(out)

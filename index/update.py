@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from index.build import build_index, quantization_error
-from index.store import load_index, read_meta, save
+from index.store import includes_synthetic, load_index, read_meta, save
 from index.vectors import file_name, fingerprint, index_files, iter_vectors, sample, signature
 
 log = logging.getLogger("shardlight")
@@ -40,21 +40,29 @@ def _rebuild(out: str, meta: dict | None, reason: str, **build_kwargs) -> dict:
 
 
 def update_index(out: str, *, rebuild_on_drift: bool = False, drift_tolerance: float = DRIFT_TOLERANCE,
-                 **build_kwargs) -> dict:
+                 synthetic: bool | None = None, **build_kwargs) -> dict:
     """Bring OUT/index up to date with OUT/embeddings, adding new shards incrementally.
 
     Args:
         out: the run's output folder or URL.
         rebuild_on_drift: rebuild (retrain) instead of adding when the new data has drifted.
         drift_tolerance: quantization-error ratio above which the data counts as drifted.
+        synthetic: index the generated rows too (True) or not (False); None keeps the index's choice.
+            Changing it rebuilds.
         **build_kwargs: passed to `build_index` when a rebuild is needed.
 
     Returns the index metadata; its `update` entry says what was done and `drift` what was measured.
     """
     meta = read_meta(out, missing_ok=True)
-    files = index_files(out)
+    was = includes_synthetic(meta) if meta else True
+    synthetic = was if synthetic is None else synthetic
+    build_kwargs["synthetic"] = synthetic
+    files = index_files(out, synthetic)
     if meta is None:
         return {**_rebuild(out, meta, "there was no index", **build_kwargs), "update": {"mode": "built"}}
+    if synthetic != was:
+        return _rebuild(out, meta, "generated rows are now " + ("included" if synthetic else "excluded"),
+                        **build_kwargs)
     if not meta.get("inputs"):
         return _rebuild(out, meta, "the index predates recorded input lists", **build_kwargs)
     current = {file_name(u): u for u in files}

@@ -30,9 +30,9 @@ def embedding_files(out: str) -> list[str]:
     return _parquet_files(out, "embeddings")
 
 
-def index_files(out: str) -> list[str]:
-    """Every file the index covers, in FAISS id order: input rows, then generated (augmented) rows."""
-    return [u for source in SOURCES for u in _parquet_files(out, source)]
+def index_files(out: str, synthetic: bool = True) -> list[str]:
+    """Every file the index covers, in FAISS id order: input rows, then (with `synthetic`) generated rows."""
+    return [u for source in (SOURCES if synthetic else SOURCES[:1]) for u in _parquet_files(out, source)]
 
 
 def file_name(url: str) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from index.build import build_index, gpu_count, load_index, read_meta
+from index.build import build_index, gpu_count, is_current, load_index, read_meta
 from index.choose import FLAT_MAX_CELLS, choose_index, num_lists
 from index.dedup import components, dedup
 from index.search import Searcher
@@ -239,3 +239,42 @@ def test_ivf_training_runs_on_the_gpu_and_saves_a_cpu_index(tmp_path):
     meta = build_index(str(tmp_path), "IVF32,Flat", tune_queries=100)
     index, _, _ = load_index(str(tmp_path))
     assert meta["tuning"]["reached"] and faiss.extract_index_ivf(index).clustering_index is None
+
+
+# --- generated rows ----------------------------------------------------------------------------------------
+
+def _run_with_generated_rows(out):
+    real = write_shard(out, "00000", clustered(300, DIM, seed=1))
+    fake = write_shard(out, "00000", clustered(40, DIM, seed=2), folder="augmented", key_prefix="gen",
+                       synthetic=[True] * 40)
+    return real, fake
+
+
+def test_index_can_leave_generated_rows_out_and_keeps_that_choice(tmp_path):
+    out = str(tmp_path)
+    real, fake = _run_with_generated_rows(out)
+    meta = build_index(out, "Flat", synthetic=False)
+    assert meta["count"] == len(real) and meta["synthetic"] is False
+    assert is_current(out) and is_current(out, synthetic=False) and not is_current(out, synthetic=True)
+    keys = {h.key for q in clustered(5, DIM, seed=2) for h in Searcher(out).search(vector=q, k=20)}
+    assert keys and keys <= set(real)  # the queries sit in the generated clusters, yet only input rows answer
+    assert update_index(out)["update"]["mode"] == "unchanged"  # the augmented file is not "new" to this index
+    assert dedup(out, threshold=0.999)["rows"] == len(real)
+
+    meta = update_index(out, synthetic=True)
+    assert meta["update"]["mode"] == "rebuilt" and "included" in meta["update"]["reason"]
+    assert meta["count"] == len(real) + len(fake) and meta["synthetic"] is True
+    hits = Searcher(out).search(vector=clustered(1, DIM, seed=2)[0], k=5, synthetic=True)
+    assert hits and all(h.key in fake and h.synthetic for h in hits)
+
+
+def test_flow_index_stage_follows_the_config_choice(tmp_path):
+    from flows.pipeline import index_stage
+    from workers.config import IndexSpec, RunConfig
+
+    real, fake = _run_with_generated_rows(str(tmp_path))
+    cfg = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path), index=IndexSpec(synthetic=False))
+    assert index_stage.fn(cfg)["count"] == len(real)
+    assert index_stage.fn(cfg)["update"]["mode"] == "unchanged"
+    both = index_stage.fn(cfg.model_copy(update={"index": IndexSpec(synthetic=True)}))
+    assert both["count"] == len(real) + len(fake) and both["update"]["mode"] == "rebuilt"

@@ -40,3 +40,20 @@ def test_dedup_command_writes_groups(tmp_path):
     table = pq.read_table(tmp_path / "dedup" / "duplicates.parquet")
     assert table.num_rows == groups + duplicates
     assert table.column("representative").to_pylist().count(True) == groups
+
+
+def test_index_and_query_choose_generated_rows(tmp_path):
+    from flows.cli import app
+
+    write_shard(tmp_path, "00000", clustered(60, 16, seed=1))
+    fake = write_shard(tmp_path, "00000", clustered(20, 16, seed=1), folder="augmented", key_prefix="gen",
+                       synthetic=[True] * 20)
+    built = runner.invoke(app, ["index", str(tmp_path), "--no-synthetic"])
+    assert built.exit_code == 0, built.output
+    assert "index: 60 vectors (input rows only)" in built.output
+    runner.invoke(app, ["index", str(tmp_path)])  # default: generated rows too
+    for flag, want in (("--synthetic", True), ("--no-synthetic", False)):
+        result = runner.invoke(app, ["query", str(tmp_path), "--key", fake[0], "-k", "8", flag, "--json"])
+        assert result.exit_code == 0, result.output
+        hits = [json.loads(line) for line in result.output.splitlines()]
+        assert len(hits) == 8 and {h["synthetic"] for h in hits} == {want}

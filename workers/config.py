@@ -64,6 +64,7 @@ class IndexSpec(_Strict):
     factory: str = "Flat"  # FAISS index_factory string (Flat, HNSW32, IVF1024,Flat, OPQ64,IVF4096,PQ64, …)
     train_sample: int = Field(100_000, ge=1)  # vectors sampled to train quantizers
     nprobe: int | None = Field(None, ge=1)  # IVF search breadth (None: FAISS default)
+    synthetic: bool = True  # also index the augment stage's generated rows (false: input rows only)
 
 
 class AugmentSpec(_Strict):
