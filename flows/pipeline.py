@@ -33,8 +33,9 @@ from index.update import update_index  # noqa: E402
 from workers.config import RunConfig, parse_config  # noqa: E402
 from workers.embed import shard_done  # noqa: E402
 from workers.errors import InputError, ShardlightError  # noqa: E402
-from workers.augment import ShardAugmenter, augment_done  # noqa: E402
-from workers.pool import embed_shards, run_stage  # noqa: E402
+from workers.augment import augment_done  # noqa: E402
+from workers.pool import process_shards  # noqa: E402
+from workers.shard_worker import stages_todo  # noqa: E402
 from workers.schema import augmented_path, embeddings_path, read_stats, run_record_path  # noqa: E402
 from workers.storage import is_local, list_shards, makedirs, shard_name, write_atomic  # noqa: E402
 
@@ -75,66 +76,61 @@ def plan_shards(cfg: RunConfig) -> dict:
 
 
 class _ShardProgress:
-    """A progress bar over shards showing a running count and images/s, fed each finished shard's stats."""
+    """A progress bar over shards: rows embedded, images generated (when augmenting) and embedded rows/s."""
 
-    def __init__(self, desc: str, total: int, count: str):
+    def __init__(self, desc: str, total: int):
         self.bar = tqdm(total=total, unit="shard", desc=desc, dynamic_ncols=True)
-        self.count, self.done, self.start = count, 0, time.perf_counter()
+        self.rows, self.generated, self.start = 0, 0, time.perf_counter()
 
-    def __call__(self, stats: dict) -> None:
-        self.done += stats[self.count]
-        self.bar.set_postfix({self.count: self.done, "img_s": f"{self.done / (time.perf_counter() - self.start):.1f}"})
+    def __call__(self, result: dict) -> None:
+        self.rows += (result["embed"] or {}).get("rows", 0)
+        self.generated += (result["augment"] or {}).get("generated", 0)
+        postfix = {"rows": self.rows, "img_s": f"{self.rows / (time.perf_counter() - self.start):.1f}"}
+        if self.generated:
+            postfix["generated"] = self.generated
+        self.bar.set_postfix(postfix)
         self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
 
 
-@task(name="embed-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
-def embed_stage(cfg: RunConfig, todo: list[str]) -> dict:
-    """Embed and label every shard still to do on the Ray actor pool, with a progress bar."""
-    todo = [s for s in todo if not shard_done(cfg.output, s)]  # a retried task skips what it finished
+@task(name="process-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
+def shard_stage(cfg: RunConfig, shards: list[str]) -> tuple[dict, dict]:
+    """Embed and label every shard not yet done, and augment it when `augment.enabled`, on one Ray actor
+    pool (each actor loads the models once for both); returns (embedded, augmented) results."""
+    augment = cfg.augment.enabled
+    todo = stages_todo(cfg.output, shards, augment)  # a retried task skips what it finished
+    embedded = {"stats": [], "failed": {}, "worker": {}, "seconds": 0.0}
+    augmented = {"stats": [], "failed": {}}
     if not todo:
-        log.info("nothing to embed: every shard already has its output")
-        return {"stats": [], "failed": {}, "worker": {}, "seconds": 0.0}
+        log.info("nothing to do: every shard already has its outputs")
+        return embedded, augmented
     start = time.perf_counter()
-    progress = _ShardProgress("embedding", len(todo), "rows")
+    progress = _ShardProgress("embedding + augmenting" if augment else "embedding", len(todo))
 
-    def on_done(stats: dict) -> None:
-        progress(stats)
-        if stats["problem"]:
+    def on_done(result: dict) -> None:
+        progress(result)
+        stats = result["embed"]
+        if stats and stats["problem"]:
             log.warning("shard %s: %s", stats["shard"], stats["problem"])
+        if result["augment_error"]:
+            log.error("augmenting %s failed: %s", result["shard"], result["augment_error"])
 
     try:
-        result = embed_shards(cfg, cfg.output, todo, on_done)
+        result = process_shards(cfg, cfg.output, todo, on_done)
     finally:
         progress.close()
     for shard, reason in result.failed.items():
         log.error("shard %s failed: %s", shard, reason)
-    return {"stats": result.stats, "failed": result.failed, "worker": result.worker,
-            "seconds": round(time.perf_counter() - start, 3)}
-
-
-@task(name="augment-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
-def augment_stage(cfg: RunConfig, shards: list[str]) -> dict:
-    """DiT augmentations for every embedded shard not yet augmented (when `augment.enabled`)."""
-    if not cfg.augment.enabled:
-        return {"stats": [], "failed": {}}
-    todo = [s for s in shards if shard_done(cfg.output, s) and not augment_done(cfg.output, s)]
-    if not todo:
-        log.info("nothing to augment: every shard already has its augmentations")
-        return {"stats": [], "failed": {}}
-    progress = _ShardProgress("augmenting", len(todo), "generated")
-    try:
-        result = run_stage(cfg, cfg.output, todo, ShardAugmenter,
-                           (cfg.augment, cfg.clip, cfg.labels, cfg.compute), progress)
-    finally:
-        progress.close()
-    kept = sum(s.get("rows", 0) for s in result.stats)
-    log.info("augmented %d shard(s): %d synthetic rows kept", len(result.stats), kept)
-    for shard, reason in result.failed.items():
-        log.error("augmenting %s failed: %s", shard, reason)
-    return {"stats": result.stats, "failed": result.failed}
+    embedded.update(stats=[r["embed"] for r in result.stats if r["embed"]], failed=result.failed,
+                    worker=result.worker, seconds=round(time.perf_counter() - start, 3))
+    augmented.update(stats=[r["augment"] for r in result.stats if r["augment"]],
+                     failed={r["shard"]: r["augment_error"] for r in result.stats if r["augment_error"]})
+    if augment:
+        log.info("augmented %d shard(s): %d synthetic rows kept", len(augmented["stats"]),
+                 sum(s["rows"] for s in augmented["stats"]))
+    return embedded, augmented
 
 
 @task(name="build-index", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)
@@ -247,8 +243,7 @@ def pipeline(config: dict, wait_s: float = 0.0) -> dict:
     makedirs(cfg.output)
     with OutputLease(cfg.output, wait_s=wait_s):
         plan = plan_shards(cfg)
-        embedded = embed_stage(cfg, plan["todo"])
-        augmented = augment_stage(cfg, plan["shards"])
+        embedded, augmented = shard_stage(cfg, plan["shards"])
         index = index_stage(cfg) if cfg.index.build and embedding_files(cfg.output) else None
         summary = summarize(cfg, plan, embedded, index, augmented)
         record_run(cfg, summary, started)

@@ -170,20 +170,58 @@ def test_augment_config_is_typed_and_off_by_default(tmp_path):
             parse_config({"augment": bad})
 
 
+@pytest.mark.timeout(600)
+def test_shard_worker_shares_models_and_runs_each_half_once(dit_weights, embedded, tmp_path):
+    """The flow's per-actor worker: embed then augment with the same CLIP and labeler, skipping done halves."""
+    from workers.shard_worker import ShardWorker
+
+    shard, _ = embedded
+    worker = ShardWorker(CLIP, LABELS, COMPUTE, spec(dit_weights))
+    assert worker.augmenter.clip is worker.embedder.clip and worker.augmenter.labeler is worker.embedder.labeler
+    first = worker.process(shard, str(tmp_path))
+    assert first["embed"]["rows"] == 6 and first["augment"]["rows"] == first["augment"]["generated"] > 0
+    assert first["augment_error"] is None
+    assert worker.process(shard, str(tmp_path)) == {"shard": "00000", "embed": None, "augment": None,
+                                                     "augment_error": None}
+    plain = ShardWorker(CLIP, LABELS, COMPUTE, AugmentSpec()).process(shard, str(tmp_path / "plain"))
+    assert plain["embed"]["rows"] == 6 and plain["augment"] is None and not augment_done(str(tmp_path / "plain"), shard)
+
+
+@pytest.mark.timeout(600)
+def test_a_failed_augmentation_keeps_the_embeddings_and_is_reported(dit_weights, embedded, tmp_path):
+    from workers.embed import shard_done
+    from workers.shard_worker import ShardWorker
+
+    shard, _ = embedded
+    worker = ShardWorker(CLIP, LABELS, COMPUTE, spec(dit_weights))
+
+    def broken(shard_url, out):
+        raise RuntimeError("CUDA out of memory\nmore detail")
+
+    worker.augmenter.process = broken  # fault injection into our own worker, not a stand-in for Ray or Prefect
+    result = worker.process(shard, str(tmp_path))
+    assert result["embed"]["rows"] == 6 and shard_done(str(tmp_path), shard)
+    assert result["augment"] is None and result["augment_error"] == "RuntimeError: CUDA out of memory"
+    assert not augment_done(str(tmp_path), shard)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_augment_stage_runs_on_ray(dit_weights, embedded, tmp_path):
-    """The stage through workers.pool.run_stage (Ray actors), as the flow runs it."""
-    from workers.pool import run_stage
+def test_shard_worker_on_ray_only_augments_an_embedded_shard(dit_weights, embedded, tmp_path):
+    """The flow's stage through workers.pool.process_shards (Ray actors): a shard embedded by an earlier run
+    (before augmentation was switched on, say) is only augmented."""
+    from workers.pool import process_shards
 
     shard, out = embedded
     shutil.copytree(out / "embeddings", tmp_path / "embeddings")
     cfg = RunConfig(input=shard, output=str(tmp_path), augment=spec(dit_weights),
                     ray={"num_cpus": 2, "num_actors": 1}, compute={"device": "cpu"})
-    result = run_stage(cfg, cfg.output, [shard], ShardAugmenter, (cfg.augment, cfg.clip, cfg.labels, cfg.compute))
-    stats = result.stats
-    assert not result.failed and len(stats) == 1 and stats[0]["rows"] == stats[0]["generated"] > 0
-    assert augment_done(str(tmp_path), shard)
+    result = process_shards(cfg, cfg.output, [shard])
+    assert not result.failed and len(result.stats) == 1
+    (done,) = result.stats
+    assert done["embed"] is None and done["augment_error"] is None
+    assert done["augment"]["rows"] == done["augment"]["generated"] > 0
+    assert result.worker["augment"]["model"] and augment_done(str(tmp_path), shard)
 
 
 @pytest.mark.timeout(600)

@@ -1,7 +1,7 @@
 """The per-shard augmentation worker: DiT images per class (`generate`) and of source images (`vary`).
 
-`ShardAugmenter` has the same contract as `ShardEmbedder` (`describe()`, `process(shard_url, out)`), so
-`workers.pool.run_stage` runs it on Ray actors. It reads the shard's finished embeddings file (ViT labels
+`ShardAugmenter` has the same contract as `ShardEmbedder` (`describe()`, `process(shard_url, out)`); the
+flow runs it inside `workers.shard_worker.ShardWorker`, after the embedder, sharing its models. It reads the shard's finished embeddings file (ViT labels
 per key) and the source shard's images, generates deterministically from seeds derived from (source key
 or class, index), embeds every image with CLIP, scores it against its class prompt, drops and counts those
 under `min_clip_score`, and labels the rest with the ViT. Outputs: OUT/augmented/<shard>.tar (WebDataset:
@@ -75,13 +75,18 @@ class Job:
 class ShardAugmenter:
     """DiT augmentations of whole shards; load once, call per shard."""
 
-    def __init__(self, augment: AugmentSpec, clip: ClipSpec, labels: LabelSpec, compute: ComputeSpec):
+    def __init__(self, augment: AugmentSpec, clip: ClipSpec, labels: LabelSpec, compute: ComputeSpec,
+                 models: tuple | None = None):
+        """`models`: an already loaded (ClipEmbedder, labeler) built from the same specs, to share rather than
+        load again (`workers.shard_worker.ShardWorker` passes its embedder's)."""
         self.spec = augment
         self.device = pick_device(compute.device)
         self.dtype = pick_dtype(self.device, compute.precision)
         self.gen = DiTGenerator(augment.checkpoint, augment.model, augment.vae, self.device, self.dtype)
-        self.clip = ClipEmbedder(clip, self.device, self.dtype)
-        self.labeler = build_labeler(labels, self.device, self.dtype, self.clip)
+        if models is None:
+            embedder = ClipEmbedder(clip, self.device, self.dtype)
+            models = (embedder, build_labeler(labels, self.device, self.dtype, embedder))
+        self.clip, self.labeler = models
         self.top_k = labels.top_k
         self.steps = augment.steps or self.gen.default_steps
         self.guidance = self.gen.default_guidance if augment.guidance is None else augment.guidance

@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from workers.config import RaySpec, RunConfig
-from workers.embed import ShardEmbedder
+from workers.shard_worker import ShardWorker
 from workers.errors import ClusterError, ShardlightError
 
 log = logging.getLogger("shardlight")
@@ -239,7 +239,7 @@ def run_stage(cfg: RunConfig, out: str, shards: list[str], builder: Callable, ar
             ray.shutdown()
 
 
-def embed_shards(cfg: RunConfig, out: str, shards: list[str],
-                 on_done: Callable[[dict], None] | None = None) -> PoolResult:
-    """The embedding stage: CLIP embeddings and labels for every shard."""
-    return run_stage(cfg, out, shards, ShardEmbedder, (cfg.clip, cfg.labels, cfg.compute), on_done)
+def process_shards(cfg: RunConfig, out: str, shards: list[str],
+                   on_done: Callable[[dict], None] | None = None) -> PoolResult:
+    """The run's shard work: CLIP embeddings and labels, then DiT augmentations when enabled, one actor pool."""
+    return run_stage(cfg, out, shards, ShardWorker, (cfg.clip, cfg.labels, cfg.compute, cfg.augment), on_done)
