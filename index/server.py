@@ -14,12 +14,14 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import fields
 from pathlib import Path
+from typing import get_type_hints
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from index import clip_back
 from index.http_common import (
@@ -28,7 +30,7 @@ from index.http_common import (
 )
 from index.images import ImageStore, ImageUnavailable
 from index.metrics import Metrics
-from index.search import KeyNotFound, Searcher
+from index.search import Hit, KeyNotFound, Searcher
 from workers.errors import InputError, ShardlightError
 
 log = logging.getLogger("shardlight")
@@ -48,19 +50,14 @@ class SearchRequest(BaseModel):
     synthetic: bool | None = Field(None, description="true: only generated rows; false: only input rows")
 
 
-class SearchHit(BaseModel):
-    key: str
-    score: float
-    caption: str | None
-    label: str | None
-    label_prob: float | None
-    url: str | None
-    clip_score: float | None
-    shard: str
-    row: int
-    synthetic: bool
-    id: int
-    image_path: str
+def _hit_fields() -> dict:
+    """Every field of `index.search.Hit`, as required pydantic fields."""
+    hints = get_type_hints(Hit)
+    return {f.name: (hints[f.name], ...) for f in fields(Hit)}
+
+
+# One result in a response: a `Hit` plus where to fetch its image (one definition of the fields, in Hit).
+SearchHit = create_model("SearchHit", **_hit_fields(), image_path=(str, ...))
 
 
 class SearchResponse(BaseModel):
