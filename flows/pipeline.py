@@ -192,6 +192,10 @@ def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None, au
     done = [s for s in plan["shards"] if shard_done(cfg.output, s)]
     stats = [read_stats(embeddings_path(cfg.output, shard_name(s))) for s in done]
     new_rows = sum(s["rows"] for s in embedded["stats"])
+    # The stage embeds and augments on the same actors: credit embedding with its share of the wall time.
+    embed_s = sum(s["seconds"] for s in embedded["stats"])
+    work_s = embed_s + sum(s["seconds"] for s in augmented["stats"])
+    embed_wall_s = embedded["seconds"] * embed_s / work_s if work_s else 0.0
     return {
         "shards": len(plan["shards"]), "processed": len(embedded["stats"]),
         "skipped": len(plan["shards"]) - len(plan["todo"]), "failed": embedded["failed"],
@@ -199,7 +203,7 @@ def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None, au
         "errors": sum(s["errors"] for s in stats), "no_caption": sum(s["no_caption"] for s in stats),
         "shard_problems": {s["shard"]: s["problem"] for s in stats if s.get("problem")},
         "new_rows": new_rows,
-        "images_per_s": round(new_rows / embedded["seconds"], 2) if embedded["seconds"] else None,
+        "images_per_s": round(new_rows / embed_wall_s, 2) if embed_wall_s else None,
         "worker": embedded["worker"],
         "augment": augment_totals(cfg, plan["shards"], augmented),
         "index": None if index is None else {"count": index["count"], "factory": index["factory"],

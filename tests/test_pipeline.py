@@ -85,3 +85,17 @@ def test_second_run_does_no_work(first_run):
     assert again["rows"] == first["rows"] and again["index"]["update"] == "unchanged"
     after = {p: p.stat().st_mtime_ns for p in Path(cfg.output).rglob("*.parquet")}
     assert before == after
+
+
+def test_embedding_rate_counts_only_the_embedding_share_of_the_stage(tmp_path):
+    """Embedding and augmentation share the actors: images/s credits embedding with its share of the wall time."""
+    from flows.pipeline import summarize
+    from workers.config import RunConfig
+
+    cfg = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    embedded = {"stats": [{"rows": 100, "seconds": 3.0}], "failed": {}, "worker": {}, "seconds": 8.0}
+    augmented = {"stats": [{"rows": 10, "seconds": 1.0}], "failed": {}}
+    summary = summarize(cfg, {"shards": [], "todo": []}, embedded, None, augmented)
+    assert summary["new_rows"] == 100 and summary["images_per_s"] == pytest.approx(100 / (8.0 * 3 / 4))
+    alone = summarize(cfg, {"shards": [], "todo": []}, embedded, None, {"stats": [], "failed": {}})
+    assert alone["images_per_s"] == pytest.approx(100 / 8.0)
