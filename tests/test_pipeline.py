@@ -96,6 +96,6 @@ def test_embedding_rate_counts_only_the_embedding_share_of_the_stage(tmp_path):
     embedded = {"stats": [{"rows": 100, "seconds": 3.0}], "failed": {}, "worker": {}, "seconds": 8.0}
     augmented = {"stats": [{"rows": 10, "seconds": 1.0}], "failed": {}}
     summary = summarize(cfg, {"shards": [], "todo": []}, embedded, None, augmented)
-    assert summary["new_rows"] == 100 and summary["images_per_s"] == pytest.approx(100 / (8.0 * 3 / 4))
+    assert summary["new_rows"] == 100 and summary["images_per_s"] == round(100 / (8.0 * 3 / 4), 2)
     alone = summarize(cfg, {"shards": [], "todo": []}, embedded, None, {"stats": [], "failed": {}})
-    assert alone["images_per_s"] == pytest.approx(100 / 8.0)
+    assert alone["images_per_s"] == round(100 / 8.0, 2)
