@@ -91,7 +91,7 @@ def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
 
 
 def _print_summary(s: dict) -> None:
-    if s["processed"] == 0 and not s["failed"]:
+    if s["processed"] == 0 and not s["failed"] and not (s.get("augment") or {}).get("processed"):
         console.print(f"[bold]nothing to do:[/] all {s['shards']} shard(s) were already processed")
     table = Table(title="run summary", show_header=False)
     for name in ("shards", "processed", "skipped", "samples_read", "rows", "errors", "no_caption", "images_per_s"):
