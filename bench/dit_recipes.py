@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from workers.config import LabelSpec  # noqa: E402
 from workers.diffusion import Diffusion  # noqa: E402
-from workers.dit_eval import generate_per_class  # noqa: E402
+from workers.dit_eval import generate_per_class, vit_names  # noqa: E402
 from workers.generator import DiTGenerator  # noqa: E402
-from workers.models import MODEL_DIR, VitLabeler  # noqa: E402
-from workers.train_dit import GPU_RECIPE, DitRecipe, _device_name, build_demo_model, save_dit, train_dit  # noqa: E402
+from workers.train_dit import (  # noqa: E402
+    GPU_RECIPE, DitRecipe, _device_name, build_demo_model, make_optimizer, save_dit, train_dit,
+)
 
 SETTINGS = ((2.0, 25), (3.0, 25), (4.0, 25), (5.0, 25), (7.0, 25), (4.0, 50))  # (guidance, DDIM steps)
 
@@ -49,7 +49,7 @@ def steps_per_second(recipe: DitRecipe, device: str, timed: int = 100) -> float:
     """The recipe's training-step rate on random batches of its shape (model, loss, fused AdamW)."""
     model = build_demo_model(recipe).to(device)
     diffusion = Diffusion(recipe.schedule, recipe.diffusion_steps, recipe.prediction)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    opt = make_optimizer(model, recipe, torch.device(device))
     x = torch.randn(recipe.batch_size, 3, recipe.model_size, recipe.model_size, device=device)
     y = torch.randint(0, model.config.num_classes, (recipe.batch_size,), device=device)
 
@@ -69,15 +69,12 @@ def steps_per_second(recipe: DitRecipe, device: str, timed: int = 100) -> float:
 
 
 def judge(weights: Path, device: str, per_class: int) -> dict:
-    vit = VitLabeler(LabelSpec(kind="vit", model="shapes-vit", checkpoint=str(MODEL_DIR / "shapes-vit.safetensors")),
-                     torch.device(device))
     gen = DiTGenerator(str(weights), device=device)
     scores = {}
     for guidance, steps in SETTINGS:
         gen.default_guidance, gen.default_steps = guidance, steps
         images, labels = generate_per_class(gen, per_class, 1001, batch=240)
-        said = [n for i in range(0, len(images), 240)
-                for n in vit(torch.stack([vit.transform(im) for im in images[i:i + 240]])).names]
+        said = vit_names(images, device)
         truth = [gen.class_names[c] for c in labels]
         right = sum(a == b for a, b in zip(said, truth)) / len(truth)
         shape = sum(a.split()[1] == b.split()[1] for a, b in zip(said, truth)) / len(truth)
@@ -101,8 +98,6 @@ def main() -> None:
     start = time.time()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     recipe = replace(GPU_RECIPE, **json.loads(args.overrides))
     if args.steps:
         recipe = replace(recipe, steps=args.steps)

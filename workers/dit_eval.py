@@ -102,14 +102,21 @@ def _embed(clip: ClipEmbedder, images: list[Image.Image]) -> np.ndarray:
                            for i in range(0, len(images), 128)])
 
 
-def vit_accuracy(images: list[Image.Image], labels: list[int], class_names: list[str]) -> dict | None:
-    """Overall and per-class share classified as the conditioning class (None without shipped ViT weights)."""
+def vit_names(images: list[Image.Image], device: torch.device | str = "cpu") -> list[str] | None:
+    """The class the shipped demo ViT sees in each image (None without shipped ViT weights)."""
     weights = _shipped("shapes-vit")
     if weights is None:
         return None
-    vit = VitLabeler(LabelSpec(kind="vit", model="shapes-vit", checkpoint=str(weights)), torch.device("cpu"))
-    names = [n for i in range(0, len(images), 128)
-             for n in vit(torch.stack([vit.transform(im) for im in images[i:i + 128]])).names]
+    vit = VitLabeler(LabelSpec(kind="vit", model="shapes-vit", checkpoint=str(weights)), torch.device(device))
+    return [n for i in range(0, len(images), 128)
+            for n in vit(torch.stack([vit.transform(im) for im in images[i:i + 128]])).names]
+
+
+def vit_accuracy(images: list[Image.Image], labels: list[int], class_names: list[str]) -> dict | None:
+    """Overall and per-class share classified as the conditioning class (None without shipped ViT weights)."""
+    names = vit_names(images)
+    if names is None:
+        return None
     hits = np.array([n == class_names[y] for n, y in zip(names, labels)])
     per_class = {class_names[c]: float(hits[np.array(labels) == c].mean()) for c in sorted(set(labels))}
     return {"vit_accuracy": float(hits.mean()), "vit_accuracy_worst_class": min(per_class.values()),

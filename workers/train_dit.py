@@ -101,6 +101,15 @@ def build_demo_model(recipe: DitRecipe) -> torch.nn.Module:
                      num_classes=len(synthetic.CLASS_NAMES), class_dropout=recipe.class_dropout)
 
 
+def make_optimizer(model: torch.nn.Module, recipe: DitRecipe, device: torch.device) -> torch.optim.AdamW:
+    """The recipe's AdamW; on a GPU with tf32 matmuls (the GPU's fp32 speed, ample precision here) and the
+    fused update (one kernel: a tiny model's step is launch-bound)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                             fused=device.type == "cuda")
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -121,11 +130,7 @@ def train_dit(recipe: DitRecipe, log_every: int | None = None,
     model = build_demo_model(recipe).to(device)
     diffusion = Diffusion(recipe.schedule, recipe.diffusion_steps, recipe.prediction)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls: the GPU's fp32 speed, ample precision here
-    # fused: one kernel for the whole update on a GPU, where a tiny model's step is launch-bound.
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
-                            fused=device.type == "cuda")
+    opt = make_optimizer(model, recipe, device)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: warmup_cosine(step, recipe.warmup_steps, recipe.steps, floor=0.1))
     gen = torch.Generator().manual_seed(recipe.init_seed)
