@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from workers.diffusion import Diffusion  # noqa: E402
+from workers.synthetic import CLASS_NAMES  # noqa: E402
 from workers.dit_eval import generate_per_class, vit_names  # noqa: E402
 from workers.generator import DiTGenerator  # noqa: E402
 from workers.train_dit import (  # noqa: E402
@@ -70,14 +71,18 @@ def steps_per_second(recipe: DitRecipe, device: str, timed: int = 100) -> float:
 
 def judge(weights: Path, device: str, per_class: int) -> dict:
     gen = DiTGenerator(str(weights), device=device)
-    scores = {}
+    images, truth = [], []
     for guidance, steps in SETTINGS:
         gen.default_guidance, gen.default_steps = guidance, steps
-        images, labels = generate_per_class(gen, per_class, 1001, batch=240)
-        said = vit_names(images, device)
-        truth = [gen.class_names[c] for c in labels]
-        right = sum(a == b for a, b in zip(said, truth)) / len(truth)
-        shape = sum(a.split()[1] == b.split()[1] for a, b in zip(said, truth)) / len(truth)
+        generated, labels = generate_per_class(gen, per_class, 1001, batch=240)
+        images += generated
+        truth += [gen.class_names[c] for c in labels]
+    said = vit_names(images, device)  # one ViT load for every setting
+    scores, per_setting = {}, len(truth) // len(SETTINGS)
+    for i, (guidance, steps) in enumerate(SETTINGS):
+        pairs = list(zip(said, truth))[i * per_setting:(i + 1) * per_setting]
+        right = sum(a == b for a, b in pairs) / per_setting
+        shape = sum(a.split()[1] == b.split()[1] for a, b in pairs) / per_setting
         scores[f"guidance {guidance:g}, {steps} steps"] = [round(right, 3), round(shape, 3)]
     return scores
 
@@ -104,7 +109,7 @@ def main() -> None:
     elif args.budget_s:
         wait_for_peers(args.out / ".barrier", args.name, args.processes)
         rate = steps_per_second(recipe, device)
-        render_s = 5 + recipe.train_per_class * 24 / 2000  # rendering the training set runs at ~2,000 images/s
+        render_s = 5 + recipe.train_per_class * len(CLASS_NAMES) / 2000  # rendering the training set runs at ~2,000 images/s
         left = args.budget_s - (time.time() - start) - render_s
         recipe = replace(recipe, steps=max(200, int(0.85 * rate * left)))
         print(f"{args.name}: {rate:.1f} steps/s -> {recipe.steps} steps", flush=True)
