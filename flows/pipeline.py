@@ -17,6 +17,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "shardlight")
+# The index, report and image commands log through the same logger outside any flow run: there the record
+# belongs on the console only, not beside a Prefect "no flow run id" warning.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The temporary local server can take longer than Prefect's 20 s default to start on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
