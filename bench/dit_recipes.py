@@ -80,7 +80,8 @@ def judge(weights: Path, device: str, per_class: int) -> dict:
     said = vit_names(images, device)  # one ViT load for every setting
     scores, per_setting = {}, len(truth) // len(SETTINGS)
     for i, (guidance, steps) in enumerate(SETTINGS):
-        pairs = list(zip(said, truth))[i * per_setting:(i + 1) * per_setting]
+        part = slice(i * per_setting, (i + 1) * per_setting)
+        pairs = list(zip(said[part], truth[part]))
         right = sum(a == b for a, b in pairs) / per_setting
         shape = sum(a.split()[1] == b.split()[1] for a, b in pairs) / per_setting
         scores[f"guidance {guidance:g}, {steps} steps"] = [round(right, 3), round(shape, 3)]
