@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 # The web-page test drives Debian's headless Chromium; install it when missing (as root, e.g. in CI).
 setup: $(STAMP)
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/shardlight demo --workdir demo-out
+
+# The layering (docs/architecture.md) and the lint rules, both configured in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -27,12 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from workers.diffusion import Diffusion  # noqa: E402
-from workers.synthetic import CLASS_NAMES  # noqa: E402
-from workers.dit_eval import generate_per_class, vit_names  # noqa: E402
-from workers.generator import DiTGenerator  # noqa: E402
-from workers.train_dit import (  # noqa: E402
-    GPU_RECIPE, DitRecipe, _device_name, build_demo_model, make_optimizer, save_dit, train_dit,
+from shardlight.models.diffusion import Diffusion  # noqa: E402
+from shardlight.models.sampler import DiTGenerator  # noqa: E402
+from shardlight.training.dit_eval import generate_per_class, vit_names  # noqa: E402
+from shardlight.training.synthetic import CLASS_NAMES  # noqa: E402
+from shardlight.training.train_dit import (  # noqa: E402
+    GPU_RECIPE,
+    DitRecipe,
+    build_demo_model,
+    device_name,
+    make_optimizer,
+    save_dit,
+    train_dit,
 )
 
 SETTINGS = ((2.0, 25), (3.0, 25), (4.0, 25), (5.0, 25), (7.0, 25), (4.0, 50))  # (guidance, DDIM steps)
@@ -118,7 +124,7 @@ def main() -> None:
     ema, log = train_dit(recipe, log_every=max(1, recipe.steps // 6), device=device)
     seconds = time.time() - trained
     weights = args.out / f"w_{args.name}.safetensors"
-    save_dit(ema, weights, recipe, log, seconds, trained_on=_device_name(torch.device(device)))
+    save_dit(ema, weights, recipe, log, seconds, trained_on=device_name(torch.device(device)))
     result = {"name": args.name, "overrides": json.loads(args.overrides), "steps": recipe.steps,
               "train_s": round(seconds), "images_seen": recipe.steps * recipe.batch_size,
               "loss": [entry["loss"] for entry in log], "vit_says_target_and_shape": judge(weights, device, args.per_class)}

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import machine, print_ratios  # noqa: E402
-from workers.config import CONFIG_DIR, load_config  # noqa: E402
+from shardlight.core.config import CONFIG_DIR, load_config  # noqa: E402
+from shardlight.training.synthetic import write_shards  # noqa: E402
 from workers.embed import ShardEmbedder  # noqa: E402
 from workers.reader import RawSample, ShardReader, decode  # noqa: E402
-from workers.synthetic import write_shards  # noqa: E402
 
 
 def bare_forward(embedder: ShardEmbedder, shards: list[Path]) -> float:

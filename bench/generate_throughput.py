@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import machine, print_ratios  # noqa: E402
+from shardlight.core.config import CONFIG_DIR, load_config  # noqa: E402
+from shardlight.models.device import autocast, pick_device, pick_dtype  # noqa: E402
+from shardlight.models.sampler import DiTGenerator  # noqa: E402
+from shardlight.training.synthetic import write_shards  # noqa: E402
 from workers.augment import ShardAugmenter  # noqa: E402
-from workers.config import CONFIG_DIR, load_config  # noqa: E402
-from workers.device import autocast, pick_device, pick_dtype  # noqa: E402
 from workers.embed import ShardEmbedder  # noqa: E402
-from workers.generator import DiTGenerator  # noqa: E402
-from workers.synthetic import write_shards  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from index.build import build_index, iter_vectors, embedding_files  # noqa: E402
+from index.build import build_index, embedding_files, iter_vectors  # noqa: E402
 from index.store import INDEX_DIR, load_index  # noqa: E402
 from index.tune import recall_at_k  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     python bench/vit_recipes.py VARIANT [--steps 2000] [--batch-size 64] [--lr 2e-3] [--threads 1]
 
-Trains one variant on a freshly rendered batch every step (`workers.training.fresh_batches`) and prints
+Trains one variant on a freshly rendered batch every step (`shardlight.training.demo_models.fresh_batches`) and prints
 held-out top-1 and shape-only accuracy every 250 steps, then one `RESULT {json}` line. Run several variants
 side by side on a GPU machine; docs/models.md records the comparison. Variants:
 
@@ -29,9 +29,9 @@ import torch.nn.functional as F  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from timm.models.vision_transformer_hybrid import HybridEmbed  # noqa: E402
 
-from workers.architectures import conv_stem, default_cfgs  # noqa: E402
-from workers.synthetic import CLASS_NAMES, SHAPES  # noqa: E402
-from workers.training import fresh_batches, warmup_cosine  # noqa: E402
+from shardlight.models.architectures import conv_stem, default_cfgs  # noqa: E402
+from shardlight.training.demo_models import fresh_batches, warmup_cosine  # noqa: E402
+from shardlight.training.synthetic import CLASS_NAMES, SHAPES  # noqa: E402
 
 VARIANTS = {
     "vit8": dict(patch_size=8, embed_dim=96, depth=6),

@@ -16,10 +16,10 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from workers.config import CONFIG_DIR, load_config, with_ray_address  # noqa: E402
 from flows.index_cli import index_app  # noqa: E402
-from flows.report_cli import report  # noqa: E402
-from workers.errors import ShardlightError  # noqa: E402
+from flows.report.cli import report  # noqa: E402
+from shardlight.core.config import CONFIG_DIR, load_config, with_ray_address  # noqa: E402
+from shardlight.core.errors import ShardlightError, first_line  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Embed, label and index WebDataset image-text shards with Prefect flows on Ray workers.")
@@ -51,7 +51,7 @@ def make_demo_data(
     image_size: int = typer.Option(64, min=16, help="Width and height of the rendered images."),
 ) -> None:
     """Write a synthetic image-text WebDataset (img2dataset layout: KEY.jpg, KEY.txt, KEY.json)."""
-    from workers.synthetic import write_shards
+    from shardlight.training.synthetic import write_shards
 
     paths = write_shards(out, shards, samples_per_shard, seed, image_size)
     console.print(f"wrote {len(paths)} shard(s) × {samples_per_shard} samples to {out}")
@@ -75,9 +75,8 @@ def run(
 def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
     from flows.pipeline import pipeline
-    from workers.augment import check_augment_files
-    from workers.models import check_weight_files
-    from workers.storage import list_shards
+    from shardlight.core.storage import list_shards
+    from shardlight.models.weights import check_augment_files, check_weight_files
 
     _setup_logging()
     if not cfg.input or not cfg.output:
@@ -169,7 +168,7 @@ def augment_preview(
     per_row: int = typer.Option(8, min=1, help="Images per row."),
 ) -> None:
     """A PNG grid of the DiT augmentations: rows = classes; `vary` sources beside their variations."""
-    from flows.augment_preview import augment_preview as preview
+    from flows.report.preview import augment_preview as preview
 
     try:
         path = preview(out, dest, per_row)
@@ -191,8 +190,8 @@ def train_demo_models(
 ) -> None:
     """Regenerate the demo data and train the demo models (ViT and CLIP on CPU, the DiT on CPU or GPU), with
     held-out metrics in model cards."""
-    from workers.train_dit import train_demo_dit
-    from workers.training import train_demo_models as train
+    from shardlight.training.demo_dit import train_demo_dit
+    from shardlight.training.demo_models import train_demo_models as train
 
     results = train(out_dir, clip=clip, vit=vit, quick=quick, threads=threads) if (clip or vit) else {}
     if dit:
@@ -243,7 +242,7 @@ def demo(
 ) -> None:
     """Make demo data, run the whole pipeline with configs/demo.yaml, and show example queries."""
     from index.search import Searcher
-    from workers.synthetic import write_shards
+    from shardlight.training.synthetic import write_shards
 
     data = workdir / "data"
     if not any(data.glob("*.tar")):
@@ -256,7 +255,7 @@ def demo(
     first = searcher.keys[0]
     _print_hits(f"more like {first}", searcher.search(key=first, k=k))
     if cfg.augment.enabled:
-        from flows.augment_preview import augment_preview as preview
+        from flows.report.preview import augment_preview as preview
 
         _print_hits(f"{DEMO_QUERIES[0]} (generated only)", searcher.search(text=DEMO_QUERIES[0], k=k, synthetic=True))
         console.print(f"DiT augmentations: {preview(cfg.output, workdir / 'augment-preview.png')}")
@@ -279,8 +278,7 @@ def main() -> None:
     except Exception as err:  # a bug or an outage, not a user error: keep it to one line unless asked
         if os.environ.get("SHARDLIGHT_DEBUG"):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        err_console.print(f"[red]unexpected error:[/] {type(err).__name__}: {first} "
+        err_console.print(f"[red]unexpected error:[/] {first_line(err)} "
                           "(set SHARDLIGHT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
 

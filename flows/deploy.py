@@ -11,8 +11,8 @@ import asyncio
 import os
 import sys
 
-from workers.config import REPO_ROOT, RunConfig
-from workers.errors import InputError
+from shardlight.core.config import REPO_ROOT, RunConfig
+from shardlight.core.errors import InputError
 
 DEFAULT_POOL = "shardlight"
 ENTRYPOINT = "flows/pipeline.py:pipeline"

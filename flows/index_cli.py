@@ -27,8 +27,8 @@ def serve(
     max_k: int = typer.Option(1000, min=1, help="Most results one query may ask for."),
 ) -> None:
     """Serve the index over HTTP: web page at /, JSON at /search, clip-retrieval's /knn-service, docs at /docs."""
-    from index.http_common import Limits
-    from index.server import serve as run_server
+    from index.service.http_common import Limits
+    from index.service.server import serve as run_server
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     needs_key = " — API key required" if api_key else ""

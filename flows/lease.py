@@ -17,8 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from workers.errors import InputError
-from workers.storage import exists, filesystem, is_local, join, local_path, read_bytes, write_atomic
+from shardlight.core.errors import InputError
+from shardlight.core.storage import exists, filesystem, is_local, join, local_path, read_bytes, write_atomic
 
 LEASE = "_lease.json"
 
@@ -31,7 +31,7 @@ class OutputLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "OutputLease":
+    def __enter__(self) -> OutputLease:
         deadline = time.monotonic() + self.wait_s
         while not self._try_acquire():
             if time.monotonic() >= deadline:

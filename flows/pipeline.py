@@ -13,7 +13,7 @@ import platform
 import subprocess
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "shardlight")
@@ -29,18 +29,23 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from flows.lease import OutputLease  # noqa: E402
-from flows.report import build_report  # noqa: E402
-from flows.report_summary import collect_summary, summary_markdown  # noqa: E402
+from flows.report.build import build_report  # noqa: E402
+from flows.report.summary import collect_summary, summary_markdown  # noqa: E402
 from index.build import build_index, embedding_files, is_current, read_meta  # noqa: E402
 from index.update import update_index  # noqa: E402
-from workers.config import RunConfig, parse_config  # noqa: E402
-from workers.embed import shard_done  # noqa: E402
-from workers.errors import InputError, ShardlightError  # noqa: E402
-from workers.augment import augment_done  # noqa: E402
-from workers.pool import process_shards  # noqa: E402
-from workers.shard_worker import stages_todo  # noqa: E402
-from workers.schema import augmented_path, embeddings_path, read_stats, run_record_path  # noqa: E402
-from workers.storage import is_local, list_shards, makedirs, shard_name, write_atomic  # noqa: E402
+from shardlight.core.config import RunConfig, parse_config  # noqa: E402
+from shardlight.core.errors import InputError, ShardlightError  # noqa: E402
+from shardlight.core.layout import (  # noqa: E402
+    augment_done,  # noqa: E402
+    augmented_path,
+    embeddings_path,
+    read_stats,
+    run_record_path,
+    shard_done,  # noqa: E402
+    stages_todo,  # noqa: E402
+)
+from shardlight.core.storage import is_local, list_shards, makedirs, shard_name, write_atomic  # noqa: E402
+from workers.shard_worker import process_shards  # noqa: E402
 
 log = logging.getLogger("shardlight")
 
@@ -218,7 +223,7 @@ def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None, au
 def record_run(cfg: RunConfig, summary: dict, started: str) -> None:
     record = {
         "config": cfg.model_dump(), "summary": summary, "versions": _versions(), "code_version": _code_version(),
-        "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": started, "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     write_atomic(run_record_path(cfg.output), json.dumps(record, indent=2, default=str).encode())
 
@@ -246,7 +251,7 @@ def pipeline(config: dict, wait_s: float = 0.0) -> dict:
     cfg = parse_config(config)
     if not cfg.input or not cfg.output:
         raise InputError("the config needs both `input` and `output` (or --input/--out)")
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     makedirs(cfg.output)
     with OutputLease(cfg.output, wait_s=wait_s):
         plan = plan_shards(cfg)

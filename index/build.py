@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import faiss
 import numpy as np
@@ -23,10 +23,18 @@ from index.choose import IndexPlan, choose_index, tune_parameter
 from index.store import INDEX_DIR, META, includes_synthetic, load_index, read_meta, save  # noqa: F401  (re-exported)
 from index.tune import ExactTopK, tune
 from index.vectors import (  # noqa: F401  (embedding_files, fingerprint: re-exported for flows/)
-    dimension, embedding_files, file_name, fingerprint, index_files, iter_vectors, num_rows, sample, signature,
+    dimension,
+    embedding_files,
+    file_name,
+    fingerprint,
+    index_files,
+    iter_vectors,
+    num_rows,
+    sample,
+    signature,
 )
-from workers.errors import IndexStateError
-from workers.storage import join
+from shardlight.core.errors import IndexStateError, first_line, last_line
+from shardlight.core.storage import join
 
 log = logging.getLogger("shardlight")
 
@@ -45,7 +53,7 @@ def new_index(dim: int, factory: str) -> faiss.Index:
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
-        raise IndexStateError(f"bad FAISS factory string {factory!r}: {str(err).strip().splitlines()[-1]}") from None
+        raise IndexStateError(f"bad FAISS factory string {factory!r}: {last_line(err)}") from None
 
 
 def _ivf(index: faiss.Index):
@@ -66,7 +74,7 @@ def train(index: faiss.Index, vectors: np.ndarray) -> None:
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(flat)
             log.info("training the coarse quantizer on %d GPU(s)", gpu_count())
         except RuntimeError as err:  # GPU FAISS present but unusable: the CPU path always works
-            log.warning("GPU training unavailable (%s); training on CPU", str(err).splitlines()[0])
+            log.warning("GPU training unavailable (%s); training on CPU", first_line(err))
     if len(vectors) == 0:
         raise IndexStateError("no vectors to train the index on")
     index.train(vectors)
@@ -176,6 +184,6 @@ def _meta(files: list[str], index: faiss.Index, plan: IndexPlan, requested: str,
         "choice": plan.to_dict(), "metric": "inner_product", "nprobe": tuning.get("value"),
         "tuning": tuning, "quantization_error": error, "model": model or {}, "fingerprint": build,
         "shards": len(files), "inputs": [signature(u) for u in files],
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "files": {"index": f"image.{build}.faiss", "ids": f"ids.{build}.parquet"},
     }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from workers.errors import IndexStateError
+from shardlight.core.errors import IndexStateError
 
 FLAT_MAX_CELLS = 32_000_000  # n·dim up to which exact search stays ~5 ms per query on 2 cores (62.5k × 512)
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per k-means centroid

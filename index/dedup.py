@@ -18,9 +18,9 @@ import pyarrow as pa
 
 from index.store import includes_synthetic, load_index
 from index.vectors import fingerprint, index_files, iter_vectors
-from workers.errors import IndexStateError, InputError
-from workers.schema import write_table
-from workers.storage import join
+from shardlight.core.errors import IndexStateError, InputError
+from shardlight.core.schema import write_table
+from shardlight.core.storage import join
 
 DEDUP_DIR = "dedup"
 DEDUP_KEY = b"shardlight.dedup"  # Parquet metadata: the settings the groups were found with

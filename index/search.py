@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from index.store import load_index
-from workers.config import ClipSpec
-from workers.errors import IndexStateError, InputError
-from workers.schema import run_record_path
-from workers.storage import exists, join, open_read, read_bytes
+from shardlight.core.config import ClipSpec
+from shardlight.core.errors import IndexStateError, InputError, first_line
+from shardlight.core.layout import run_record_path
+from shardlight.core.storage import exists, join, open_read, read_bytes
 
 RESULT_COLUMNS = ["key", "caption", "label", "label_prob", "url", "clip_score"]
 
@@ -93,7 +93,7 @@ class Searcher:
             if self._clip is None:
                 import torch
 
-                from workers.models import ClipEmbedder
+                from shardlight.models.clip import ClipEmbedder
 
                 record = run_record_path(self.out)
                 if not exists(record):
@@ -116,8 +116,7 @@ class Searcher:
                 image = Image.open(io.BytesIO(data))
                 image.load()
             except Exception as err:
-                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise InputError(f"cannot decode query image: {reason}") from None
+                raise InputError(f"cannot decode query image: {first_line(err, with_type=False)}") from None
         clip = self.clip
         pixels = clip.preprocess(image.convert("RGB"))
         with self._lock:

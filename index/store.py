@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index.tune import set_search_parameter
-from workers.errors import IndexStateError
-from workers.schema import write_table
-from workers.storage import filesystem, is_local, join, local_path, open_read, read_bytes, write_atomic
+from shardlight.core.errors import IndexStateError
+from shardlight.core.schema import write_table
+from shardlight.core.storage import filesystem, is_local, join, local_path, open_read, read_bytes, write_atomic
 
 INDEX_DIR = "index"
 META = "meta.json"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 
@@ -106,7 +106,7 @@ def _updated_meta(meta: dict, files: list[str], index, drift: dict, added_files:
     build = fingerprint(files)
     added = int(index.ntotal) - int(meta["count"])
     history = [*meta.get("updates", []), {
-        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shards": added_files,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"), "shards": added_files,
         "vectors": added, "seconds": round(seconds, 3), "drift_ratio": drift["ratio"],
     }]
     return {

@@ -3,36 +3,26 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.storage import filesystem, join, open_read
+from shardlight.core.layout import ROW_SOURCES, num_rows, parquet_files
+from shardlight.core.storage import filesystem, open_read
 
 BATCH_ROWS = 65_536  # vectors held in memory at once while streaming (256 MiB at 1024-d)
 
 
-SOURCES = ("embeddings", "augmented")  # OUT/<source>/<shard>.parquet folders indexed, in id order
-
-
-def _parquet_files(out: str, folder: str) -> list[str]:
-    fs, path = filesystem(join(out, folder))
-    if not fs.exists(path):
-        return []
-    protocol = "" if "://" not in out else out.split("://", 1)[0] + "://"
-    return sorted(protocol + p for p in fs.glob(f"{path}/*.parquet"))
-
-
 def embedding_files(out: str) -> list[str]:
     """OUT's per-shard embeddings files, sorted by name."""
-    return _parquet_files(out, "embeddings")
+    return parquet_files(out, "embeddings")
 
 
 def index_files(out: str, synthetic: bool = True) -> list[str]:
     """Every file the index covers, in FAISS id order: input rows, then (with `synthetic`) generated rows."""
-    return [u for source in (SOURCES if synthetic else SOURCES[:1]) for u in _parquet_files(out, source)]
+    return [u for source in (ROW_SOURCES if synthetic else ROW_SOURCES[:1]) for u in parquet_files(out, source)]
 
 
 def file_name(url: str) -> str:
@@ -42,11 +32,6 @@ def file_name(url: str) -> str:
 
 def source_of(url: str) -> str:
     return file_name(url).split("/", 1)[0]
-
-
-def num_rows(url: str) -> int:
-    with open_read(url) as f:
-        return pq.ParquetFile(f).metadata.num_rows
 
 
 def signature(url: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from workers.synthetic import sample, write_shards  # noqa: E402
+from shardlight.training.synthetic import sample, write_shards  # noqa: E402
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from workers.schema import STATS_KEY, embeddings_table, run_record_path, write_table  # noqa: E402
+from shardlight.core.layout import STATS_KEY, run_record_path  # noqa: E402
+from shardlight.core.schema import Row, rows_table, write_table  # noqa: E402
 
 
 def clustered(n: int, dim: int = 32, clusters: int = 20, spread: float = 0.25, seed: int = 0) -> np.ndarray:
@@ -34,27 +35,23 @@ def write_shard(out: str | Path, shard: str, vectors: np.ndarray, labels: list[s
     labels = labels or ["red circle" if i % 2 else "blue square" for i in range(n)]
     metas = [{} if synthetic is None else {"synthetic": bool(synthetic[i])} for i in range(n)]
     url, offsets, sizes = tar or (None, [None] * n, [None] * n)
-    cols = {
-        "key": keys, "shard": [shard] * n, "caption": [f"caption of {k}" for k in keys],
-        "url": [f"http://example.com/{k}.jpg" for k in keys], "width": [64] * n, "height": [64] * n,
-        "image_format": ["jpg"] * n, "tar_offset": offsets, "tar_size": sizes,
-        "image_embedding": list(vectors), "text_embedding": list(vectors), "clip_score": [0.3] * n,
-        "label_id": [0] * n, "label": labels, "label_prob": [0.9] * n, "topk_ids": [[0]] * n,
-        "topk_probs": [[0.9]] * n, "meta": metas,
-    }
+    rows = [Row(key=k, shard=shard, caption=f"caption of {k}", url=f"http://example.com/{k}.jpg", width=64, height=64,
+                image_format="jpg", tar_offset=offsets[i], tar_size=sizes[i], image_embedding=vectors[i],
+                text_embedding=vectors[i], clip_score=0.3, label_id=0, label=labels[i], label_prob=0.9,
+                topk_ids=[0], topk_probs=[0.9], meta=metas[i]) for i, k in enumerate(keys)]
     stats = {"shard": shard, "url": url, "rows": n}
     path = Path(out) / folder / f"{shard}.parquet"
-    write_table(str(path), embeddings_table(cols, dim, 1), {STATS_KEY: json.dumps(stats).encode()})
+    write_table(str(path), rows_table(rows, dim), {STATS_KEY: json.dumps(stats).encode()})
     return keys
 
 
 def make_real_run(root: Path, shards: int = 2, samples_per_shard: int = 24) -> Path:
     """A real output folder: demo shards embedded by the (untrained) demo CLIP and ViT, plus its index."""
     from index.build import build_index
-    from workers.config import ClipSpec, ComputeSpec, LabelSpec, RunConfig
+    from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec, RunConfig
+    from shardlight.core.storage import list_shards
+    from shardlight.training.synthetic import write_shards
     from workers.embed import ShardEmbedder
-    from workers.storage import list_shards
-    from workers.synthetic import write_shards
 
     data, out = root / "data", root / "out"
     write_shards(data, shards, samples_per_shard, seed=7)

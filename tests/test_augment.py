@@ -17,14 +17,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from workers.augment import ShardAugmenter, augment_done, derive_seed  # noqa: E402
-from workers.config import AugmentSpec, ClipSpec, ComputeSpec, LabelSpec, RunConfig, parse_config  # noqa: E402
+from shardlight.core.config import AugmentSpec, ClipSpec, ComputeSpec, LabelSpec, RunConfig, parse_config  # noqa: E402
+from shardlight.core.errors import InputError  # noqa: E402
+from shardlight.core.layout import (  # noqa: E402
+    augment_done,  # noqa: E402
+    augmented_path,
+    read_stats,
+)
+from shardlight.core.schema import CORE_COLUMNS  # noqa: E402
+from shardlight.training.synthetic import write_shards  # noqa: E402
+from shardlight.training.train_dit import DitRecipe, build_demo_model, quick_recipe, save_dit  # noqa: E402
+from workers.augment import ShardAugmenter, derive_seed  # noqa: E402
 from workers.embed import ShardEmbedder  # noqa: E402
-from workers.errors import InputError  # noqa: E402
 from workers.reader import ShardReader  # noqa: E402
-from workers.schema import CORE_COLUMNS, augmented_path, read_stats  # noqa: E402
-from workers.synthetic import write_shards  # noqa: E402
-from workers.train_dit import DitRecipe, _quick, build_demo_model, save_dit  # noqa: E402
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread(one_torch_thread):
@@ -37,7 +43,7 @@ CLIP, LABELS, COMPUTE = ClipSpec(), LabelSpec(kind="vit", model="shapes-vit", to
 @pytest.fixture(scope="module")
 def dit_weights(tmp_path_factory) -> Path:
     """A demo-format DiT checkpoint with random (non-zero) adaLN layers, so images depend on seed and label."""
-    recipe = _quick(DitRecipe())
+    recipe = quick_recipe(DitRecipe())
     model = build_demo_model(recipe)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -127,7 +133,7 @@ def test_process_writes_tar_and_parquet_reproducibly(dit_weights, embedded, tmp_
     assert {k: v["png"] for k, v in tar.items()} == {k: v["png"] for k, v in tar_again.items()}
     assert len({v["png"] for v in tar.values()}) == expected  # every seed gives its own image
 
-    other = run(dit_weights, shard, out, tmp_path / "c", seed=1, modes=["generate"])
+    run(dit_weights, shard, out, tmp_path / "c", seed=1, modes=["generate"])
     tar_other = read_tar(augmented_path(str(tmp_path / "c"), "00000", "tar"))
     assert set(tar_other) < set(tar)
     assert all(tar_other[k]["png"] != tar[k]["png"] for k in tar_other)
@@ -150,7 +156,7 @@ def test_unknown_configured_class_is_an_error(dit_weights, embedded, tmp_path):
 
 
 def test_missing_dit_weights_fail_in_one_line(tmp_path):
-    from workers.errors import ModelLoadError
+    from shardlight.core.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError) as err:
         ShardAugmenter(AugmentSpec(enabled=True, checkpoint=str(tmp_path / "none.safetensors")),
@@ -189,7 +195,7 @@ def test_shard_worker_shares_models_and_runs_each_half_once(dit_weights, embedde
 
 @pytest.mark.timeout(600)
 def test_a_failed_augmentation_keeps_the_embeddings_and_is_reported(dit_weights, embedded, tmp_path):
-    from workers.embed import shard_done
+    from shardlight.core.layout import shard_done
     from workers.shard_worker import ShardWorker
 
     shard, _ = embedded
@@ -210,7 +216,7 @@ def test_a_failed_augmentation_keeps_the_embeddings_and_is_reported(dit_weights,
 def test_shard_worker_on_ray_only_augments_an_embedded_shard(dit_weights, embedded, tmp_path):
     """The flow's stage through workers.pool.process_shards (Ray actors): a shard embedded by an earlier run
     (before augmentation was switched on, say) is only augmented."""
-    from workers.pool import process_shards
+    from workers.shard_worker import process_shards
 
     shard, out = embedded
     shutil.copytree(out / "embeddings", tmp_path / "embeddings")
@@ -226,7 +232,7 @@ def test_shard_worker_on_ray_only_augments_an_embedded_shard(dit_weights, embedd
 
 @pytest.mark.timeout(600)
 def test_preview_grid_has_a_row_per_class(dit_weights, embedded, tmp_path):
-    from flows.augment_preview import CELL, GAP, LABEL_W, augment_preview
+    from flows.report.preview import CELL, GAP, LABEL_W, augment_preview
 
     shard, out = embedded
     run(dit_weights, shard, out, tmp_path, classes=["red circle", "blue star"], vary_sources=1)
@@ -244,7 +250,7 @@ def test_preview_grid_has_a_row_per_class(dit_weights, embedded, tmp_path):
 
 
 def test_preview_without_augmentations_says_so(tmp_path):
-    from flows.augment_preview import augment_preview
+    from flows.report.preview import augment_preview
 
     with pytest.raises(FileNotFoundError, match="augment.enabled"):
         augment_preview(str(tmp_path), tmp_path / "p.png")

@@ -14,9 +14,9 @@ from PIL import Image
 from flows.pipeline import pipeline
 from index.build import load_index
 from index.search import Searcher
-from workers.config import CONFIG_DIR, load_config
-from workers.schema import CORE_COLUMNS
-from workers.synthetic import write_shards
+from shardlight.core.config import CONFIG_DIR, load_config
+from shardlight.core.schema import CORE_COLUMNS
+from shardlight.training.synthetic import write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -7,12 +7,12 @@ import pytest
 
 from index.build import build_index, load_index, read_meta
 from index.search import Searcher
-from workers.config import ClipSpec, ComputeSpec, LabelSpec
+from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
+from shardlight.core.errors import IndexStateError, InputError
+from shardlight.core.layout import run_record_path
+from shardlight.core.storage import write_atomic
+from shardlight.training.synthetic import write_shards
 from workers.embed import ShardEmbedder
-from workers.errors import IndexStateError, InputError
-from workers.schema import run_record_path
-from workers.storage import write_atomic
-from workers.synthetic import write_shards
 
 
 @pytest.fixture(scope="module")

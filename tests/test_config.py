@@ -1,7 +1,7 @@
 import pytest
 
-from workers.config import load_config, parse_config
-from workers.errors import InputError
+from shardlight.core.config import load_config, parse_config
+from shardlight.core.errors import InputError
 
 
 def test_unknown_key_names_the_key(tmp_path):

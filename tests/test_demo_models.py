@@ -9,10 +9,13 @@ import json
 import pytest
 import torch
 
-from workers import synthetic, training
-from workers.config import ClipSpec, LabelSpec
-from workers.models import MODEL_DIR, ClipEmbedder, ModelLoadError, VitLabeler, load_weights_file, \
-    read_weights_metadata, register_repo_models
+from shardlight.core.config import ClipSpec, LabelSpec
+from shardlight.core.errors import ModelLoadError
+from shardlight.models.clip import ClipEmbedder
+from shardlight.models.labelers import VitLabeler
+from shardlight.models.weights import MODEL_DIR, load_weights_file, read_weights_metadata, register_repo_models
+from shardlight.training import demo_models as training
+from shardlight.training import synthetic
 
 CPU = torch.device("cpu")
 CLIP_WEIGHTS = MODEL_DIR / "shapes-clip.safetensors"

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from shardlight.training.synthetic import write_shards
 from tests.conftest import free_port
-
-from workers.synthetic import write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from workers.device import pick_batch_size, pick_device, pick_dtype
+from shardlight.models.device import pick_batch_size, pick_device, pick_dtype
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -23,9 +23,9 @@ def test_asking_for_cuda_without_a_gpu_is_an_error():
 @pytest.mark.gpu
 @cuda
 def test_gpu_defaults_and_autocast_embedding(tmp_path):
-    from workers.config import ClipSpec, ComputeSpec, LabelSpec
+    from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
+    from shardlight.training.synthetic import write_shards
     from workers.embed import ShardEmbedder
-    from workers.synthetic import write_shards
 
     gpu = pick_device("auto")
     assert gpu.type == "cuda" and pick_batch_size(gpu, None) == 256

@@ -11,12 +11,17 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from workers.diffusion import Diffusion, make_betas, seeded_noise  # noqa: E402
-from workers.dit import DIT_MODELS, DiT, DiTConfig, build_dit  # noqa: E402
-from workers.errors import ModelLoadError  # noqa: E402
-from workers.generator import (PUBLISHED_RENAMES, DiTGenerator, config_from_state_dict,  # noqa: E402
-                               convert_published_state_dict)
-from workers.models import MODEL_DIR  # noqa: E402
+from shardlight.core.errors import ModelLoadError  # noqa: E402
+from shardlight.models.diffusion import Diffusion, make_betas, seeded_noise  # noqa: E402
+from shardlight.models.dit import DIT_MODELS, DiT, DiTConfig, build_dit  # noqa: E402
+from shardlight.models.sampler import (  # noqa: E402
+    PUBLISHED_RENAMES,
+    DiTGenerator,
+    config_from_state_dict,
+    convert_published_state_dict,
+)
+from shardlight.models.weights import MODEL_DIR  # noqa: E402
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread(one_torch_thread):
@@ -263,7 +268,7 @@ def test_published_checkpoint_loads_and_predicts_identically(tmp_path):
     model = randomize_zero_init(build_dit("DiT-Tiny/2", input_size=8, in_channels=4, num_classes=10))
     path = tmp_path / "DiT-Tiny-2-8.pt"
     torch.save(to_published(model.state_dict()), path)
-    from workers.generator import _load_dit
+    from shardlight.models.sampler import _load_dit
 
     loaded, _ = _load_dit("DiT-Tiny/2", str(path))
     assert loaded.config == model.config
@@ -318,8 +323,13 @@ CHANCE = 1 / 24
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not all(p.is_file() for p in SHIPPED.values()), reason="shipped demo DiT/ViT weights missing")
 def test_shipped_dit_generates_its_target_classes():
-    from workers.dit_eval import generate_per_class, reference_accuracy, train_reference_classifier, vit_accuracy
-    from workers.train_dit import DitRecipe
+    from shardlight.training.dit_eval import (
+        generate_per_class,
+        reference_accuracy,
+        train_reference_classifier,
+        vit_accuracy,
+    )
+    from shardlight.training.train_dit import DitRecipe
 
     gen = DiTGenerator(str(SHIPPED["shapes-dit"]))
     assert len(gen.class_names) == 24 and gen.shape == (3, 32, 32)
@@ -334,8 +344,8 @@ def test_shipped_dit_generates_its_target_classes():
 @pytest.mark.timeout(600)
 def test_train_demo_dit_quick_writes_weights_and_card(tmp_path):
     """The whole recipe on a handful of images: weights with a self-describing header, and a model card."""
-    from workers.models import read_weights_metadata
-    from workers.train_dit import train_demo_dit
+    from shardlight.models.weights import read_weights_metadata
+    from shardlight.training.demo_dit import train_demo_dit
 
     result = train_demo_dit(tmp_path, quick=True, device="cpu")
     weights = tmp_path / "shapes-dit.safetensors"

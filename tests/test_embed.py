@@ -4,9 +4,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from workers.config import ClipSpec, ComputeSpec, LabelSpec
-from workers.embed import ShardEmbedder, shard_done
-from workers.schema import read_stats
+from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
+from shardlight.core.layout import read_stats, shard_done
+from workers.embed import ShardEmbedder
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_zero_shot_labels_come_from_the_class_list(damaged_shards, tmp_path):
 
 
 def test_zero_shot_without_class_names_is_a_clear_error():
-    from workers.errors import ModelLoadError
+    from shardlight.core.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="needs labels.class_names"):
         ShardEmbedder(ClipSpec(model="shapes-clip"), LabelSpec(kind="zeroshot"), ComputeSpec())

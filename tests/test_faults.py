@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from workers.config import parse_config
+from shardlight.core.config import parse_config
+from shardlight.training.synthetic import write_shards
 from workers.embed import ShardEmbedder
 from workers.pool import PoolPlan, ShardPool
 from workers.reader import RawSample, ShardReader
-from workers.synthetic import write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -96,7 +96,7 @@ def test_pool_starts_with_min_actors_and_late_ones_join(cluster, shards, tmp_pat
 
 
 def test_no_room_for_any_worker_is_one_clear_error(cluster, tmp_path):
-    from workers.errors import ClusterError
+    from shardlight.core.errors import ClusterError
 
     plan = PoolPlan(actors=1, num_cpus=4, num_gpus=0)  # no node has 4 CPUs
     with pytest.raises(ClusterError, match=r"could not start 1 worker\(s\) needing 1 actor\(s\), 4 CPU each within 3s"):

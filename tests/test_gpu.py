@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from workers.config import ClipSpec, ComputeSpec, LabelSpec
+from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
+from shardlight.core.layout import embeddings_path
+from shardlight.training.synthetic import write_shards
 from workers.embed import ShardEmbedder
-from workers.schema import embeddings_path
-from workers.synthetic import write_shards
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -44,8 +44,8 @@ def test_gpu_shard_matches_cpu_shard(tmp_path):
 
 
 def test_dit_on_gpu_is_deterministic_and_close_to_cpu():
-    from workers.generator import DiTGenerator
-    from workers.models import MODEL_DIR
+    from shardlight.models.sampler import DiTGenerator
+    from shardlight.models.weights import MODEL_DIR
 
     weights = str(MODEL_DIR / "shapes-dit.safetensors")
     gpu = DiTGenerator(weights, device="cuda", dtype=torch.bfloat16)

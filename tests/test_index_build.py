@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from index_helpers import clustered, write_shard
 
 from index.build import build_index, gpu_count, is_current, load_index, read_meta
 from index.choose import FLAT_MAX_CELLS, choose_index, num_lists
@@ -15,8 +16,7 @@ from index.dedup import components, dedup
 from index.search import Searcher
 from index.tune import ExactTopK, recall_at_k
 from index.update import update_index
-from index_helpers import clustered, write_shard
-from workers.errors import IndexStateError
+from shardlight.core.errors import IndexStateError
 
 DIM = 32
 
@@ -270,7 +270,7 @@ def test_index_can_leave_generated_rows_out_and_keeps_that_choice(tmp_path):
 
 def test_flow_index_stage_follows_the_config_choice(tmp_path):
     from flows.pipeline import index_stage
-    from workers.config import IndexSpec, RunConfig
+    from shardlight.core.config import IndexSpec, RunConfig
 
     real, fake = _run_with_generated_rows(str(tmp_path))
     cfg = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path), index=IndexSpec(synthetic=False))

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+from index_helpers import clustered, write_shard
 from typer.testing import CliRunner
 
 from flows.index_cli import index_app
 from index.build import build_index
-from index_helpers import clustered, write_shard
 
 runner = CliRunner()
 

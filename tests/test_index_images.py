@@ -7,11 +7,11 @@ import tarfile
 
 import numpy as np
 import pytest
+from index_helpers import clustered, write_shard
 
 from index.build import build_index
-from index.images import ImageStore, ImageUnavailable
 from index.search import Searcher
-from index_helpers import clustered, write_shard
+from index.service.images import ImageStore, ImageUnavailable
 
 
 def _tar(path, members: dict[str, bytes]) -> tuple[list[int], list[int]]:

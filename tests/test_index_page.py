@@ -14,9 +14,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from index.http_common import ServerSettings  # noqa: E402
-from index.server import create_app  # noqa: E402
 from index_helpers import make_real_run, running_server  # noqa: E402
+
+from index.service.http_common import ServerSettings  # noqa: E402
+from index.service.server import create_app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

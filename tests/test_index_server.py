@@ -12,10 +12,11 @@ import requests
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from index.http_common import Limits, ServerSettings  # noqa: E402
-from index.search import Searcher  # noqa: E402
-from index.server import create_app  # noqa: E402
 from index_helpers import make_real_run, running_server  # noqa: E402
+
+from index.search import Searcher  # noqa: E402
+from index.service.http_common import Limits, ServerSettings  # noqa: E402
+from index.service.server import create_app  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 
@@ -46,7 +47,7 @@ def keyed_url(run_out, searcher):
 
 def _tar_member(searcher, key):
     """The image bytes of `key` read the slow way, by scanning its source tar."""
-    from workers.schema import embeddings_path, read_stats
+    from shardlight.core.layout import embeddings_path, read_stats
 
     shard = searcher.shards[searcher.id_of_key(key)]
     with tarfile.open(read_stats(embeddings_path(searcher.out, shard))["url"]) as tar:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from flows.lease import LEASE, OutputLease
-from workers.errors import InputError
+from shardlight.core.errors import InputError
 
 
 def test_second_holder_is_refused_with_a_clear_message(tmp_path):

@@ -9,9 +9,9 @@ import pytest
 from flows.pipeline import pipeline
 from index.build import load_index
 from index.search import Searcher
-from workers.config import CONFIG_DIR, load_config
+from shardlight.core.config import CONFIG_DIR, load_config
+from shardlight.core.storage import list_shards
 from workers.reader import ShardReader
-from workers.storage import list_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -90,7 +90,7 @@ def test_second_run_does_no_work(first_run):
 def test_embedding_rate_counts_only_the_embedding_share_of_the_stage(tmp_path):
     """Embedding and augmentation share the actors: images/s credits embedding with its share of the wall time."""
     from flows.pipeline import summarize
-    from workers.config import RunConfig
+    from shardlight.core.config import RunConfig
 
     cfg = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
     embedded = {"stats": [{"rows": 100, "seconds": 3.0}], "failed": {}, "worker": {}, "seconds": 8.0}

@@ -3,8 +3,9 @@ import io
 
 from PIL import Image
 
+from shardlight.core.schema import SampleError
 from tests.conftest import make_samples, write_tar
-from workers.reader import RawSample, SampleError, ShardReader, decode
+from workers.reader import RawSample, ShardReader, decode
 
 
 def _read(path):

@@ -24,15 +24,22 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from flows import report_data  # noqa: E402
-from flows.report import build_report  # noqa: E402
-from flows.report_data import Sample, project_2d, scan_run  # noqa: E402
-from flows.report_images import read_images  # noqa: E402
-from flows.report_summary import collect_summary, summary_markdown  # noqa: E402
-from workers.errors import InputError  # noqa: E402
-from workers.reader import SampleError, ShardReader, decode  # noqa: E402
-from workers.schema import STATS_KEY, embeddings_table, errors_table, write_table  # noqa: E402
-from workers.synthetic import write_shards  # noqa: E402
+from flows.report import data as report_data  # noqa: E402
+from flows.report.build import build_report  # noqa: E402
+from flows.report.data import Sample, project_2d, scan_run  # noqa: E402
+from flows.report.images import read_images  # noqa: E402
+from flows.report.summary import collect_summary, summary_markdown  # noqa: E402
+from shardlight.core.errors import InputError  # noqa: E402
+from shardlight.core.layout import STATS_KEY  # noqa: E402
+from shardlight.core.schema import (  # noqa: E402
+    Row,
+    SampleError,  # noqa: E402
+    errors_table,
+    rows_table,
+    write_table,
+)
+from shardlight.training.synthetic import write_shards  # noqa: E402
+from workers.reader import ShardReader, decode  # noqa: E402
 
 DIM = 8
 
@@ -70,18 +77,15 @@ def fake_run(out: Path, shards: list[Path], seed: int = 0) -> None:
         n = len(raws)
         vectors = rng.normal(size=(n, DIM)).astype(np.float32)
         labels = [r.meta["label"] for r in raws]
-        cols = {
-            "key": [r.key for r in raws], "shard": [r.shard for r in raws], "caption": [r.caption for r in raws],
-            "url": [r.meta.get("url") for r in raws], "width": [64] * n, "height": [64] * n,
-            "image_format": [r.image_format for r in raws], "tar_offset": [r.tar_offset for r in raws],
-            "tar_size": [r.tar_size for r in raws], "image_embedding": vectors, "text_embedding": vectors[::-1],
-            "clip_score": rng.uniform(-0.3, 0.6, n).tolist(), "label_id": [r.meta["label_id"] for r in raws],
-            "label": labels, "label_prob": [0.9] * n, "topk_ids": [[r.meta["label_id"]] for r in raws],
-            "topk_probs": [[0.9]] * n, "meta": [{} for _ in raws],
-        }
+        scores = rng.uniform(-0.3, 0.6, n).tolist()
+        rows = [Row(key=r.key, shard=r.shard, caption=r.caption, url=r.meta.get("url"), width=64, height=64,
+                    image_format=r.image_format, tar_offset=r.tar_offset, tar_size=r.tar_size,
+                    image_embedding=vectors[i], text_embedding=vectors[n - 1 - i], clip_score=scores[i],
+                    label_id=r.meta["label_id"], label=labels[i], label_prob=0.9, topk_ids=[r.meta["label_id"]],
+                    topk_probs=[0.9]) for i, r in enumerate(raws)]
         stats = {"shard": reader.name, "url": str(url), "samples_read": n + len(errors), "rows": n,
                  "errors": len(errors), "seconds": 0.5, "images_per_s": n / 0.5}
-        write_table(str(out / "embeddings" / f"{reader.name}.parquet"), embeddings_table(cols, DIM, 1),
+        write_table(str(out / "embeddings" / f"{reader.name}.parquet"), rows_table(rows, DIM),
                     {STATS_KEY: json.dumps(stats).encode()})
         write_table(str(out / "errors" / f"{reader.name}.parquet"), errors_table(errors))
 
@@ -259,7 +263,7 @@ def test_report_needs_a_run_folder(tmp_path):
 @pytest.fixture(scope="session")
 def real_run(tmp_path_factory) -> Path:
     from flows.pipeline import pipeline
-    from workers.config import parse_config
+    from shardlight.core.config import parse_config
 
     root = tmp_path_factory.mktemp("report-real")
     shards = write_shards(root / "data", shards=2, samples_per_shard=8, seed=5)

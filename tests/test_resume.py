@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from index.search import Searcher
-from workers.synthetic import write_shards
+from shardlight.training.synthetic import write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

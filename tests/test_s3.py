@@ -36,8 +36,8 @@ def s3(tmp_path_factory):
 def test_read_write_resume_and_query_on_s3(s3, tmp_path, prefect_server):
     from flows.pipeline import pipeline
     from index.search import Searcher
-    from workers.config import parse_config
-    from workers.synthetic import write_shards
+    from shardlight.core.config import parse_config
+    from shardlight.training.synthetic import write_shards
 
     for path in write_shards(tmp_path / "data", shards=2, samples_per_shard=15, seed=61):
         s3.put(str(path), f"shardlight-test/data/{path.name}")

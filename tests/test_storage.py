@@ -1,7 +1,7 @@
 import pytest
 
-from workers.errors import InputError
-from workers.storage import list_shards, shard_name, write_atomic
+from shardlight.core.errors import InputError
+from shardlight.core.storage import list_shards, shard_name, write_atomic
 
 
 @pytest.fixture

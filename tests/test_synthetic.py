@@ -1,7 +1,7 @@
 import json
 import tarfile
 
-from workers.synthetic import CLASS_NAMES, EVAL_TEMPLATES, TRAIN_TEMPLATES, write_shards
+from shardlight.training.synthetic import CLASS_NAMES, EVAL_TEMPLATES, TRAIN_TEMPLATES, write_shards
 
 
 def _members(path):

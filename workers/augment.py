@@ -1,11 +1,12 @@
 """The per-shard augmentation worker: DiT images per class (`generate`) and of source images (`vary`).
 
-`ShardAugmenter` has the same contract as `ShardEmbedder` (`describe()`, `process(shard_url, out)`); the
-flow runs it inside `workers.shard_worker.ShardWorker`, after the embedder, sharing its models. It reads the shard's finished embeddings file (ViT labels
-per key) and the source shard's images, generates deterministically from seeds derived from (source key
-or class, index), embeds every image with CLIP, scores it against its class prompt, drops and counts those
-under `min_clip_score`, and labels the rest with the ViT. Outputs: OUT/augmented/<shard>.tar (WebDataset:
-KEY.png + KEY.json) and OUT/augmented/<shard>.parquet, written last as the shard's done marker.
+`ShardAugmenter` has the same contract as `ShardEmbedder` (`describe()`, `process(shard_url, out)`); the flow
+runs it inside `workers.shard_worker.ShardWorker`, after the embedder, sharing its models. It reads the
+shard's finished embeddings file (ViT labels per key) and the source shard's images, generates
+deterministically from seeds derived from (source key or class, index), embeds every image with CLIP, scores
+it against its class prompt, drops and counts those under `min_clip_score`, and labels the rest with the ViT.
+Outputs: OUT/augmented/<shard>.tar (WebDataset: KEY.png + KEY.json) and OUT/augmented/<shard>.parquet, written
+last as the shard's done marker.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import io
 import json
 import tarfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
@@ -23,31 +24,15 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from workers.config import AugmentSpec, ClipSpec, ComputeSpec, LabelSpec
-from workers.device import pick_device, pick_dtype
-from workers.generator import DiTGenerator
-from workers.models import ClipEmbedder, build_labeler
-from workers.reader import SampleError, ShardReader, decode
-from workers.schema import STATS_KEY, augmented_path, embeddings_path, embeddings_table, write_table
-from workers.storage import exists, open_read, shard_name, write_atomic
-
-
-def augment_done(out: str, shard_url: str) -> bool:
-    return exists(augmented_path(out, shard_name(shard_url), "parquet"))
-
-
-def check_augment_files(spec: AugmentSpec) -> None:
-    """Fail fast, before any worker starts, when the enabled stage's DiT weights or VAE folder are missing."""
-    from pathlib import Path
-
-    from workers.errors import ModelLoadError
-
-    if not spec.enabled:
-        return
-    if not spec.checkpoint or not Path(spec.checkpoint).is_file():
-        raise ModelLoadError(f"augment.checkpoint: DiT weights file not found: {spec.checkpoint} (see docs/dit.md)")
-    if spec.vae and not Path(spec.vae).is_dir():
-        raise ModelLoadError(f"augment.vae: VAE folder not found: {spec.vae} (see docs/dit.md)")
+from shardlight.core.config import AugmentSpec, ClipSpec, ComputeSpec, LabelSpec
+from shardlight.core.layout import STATS_KEY, augmented_path, embeddings_path
+from shardlight.core.schema import Row, SampleError, rows_table, write_table
+from shardlight.core.storage import exists, open_read, shard_name, write_atomic
+from shardlight.models.clip import ClipEmbedder
+from shardlight.models.device import pick_device, pick_dtype
+from shardlight.models.labelers import build_labeler
+from shardlight.models.sampler import DiTGenerator
+from workers.reader import ShardReader, decode
 
 
 def derive_seed(base: int, mode: str, ident: str, index: int) -> int:
@@ -109,17 +94,17 @@ class ShardAugmenter:
             rows = pq.read_table(f, columns=["key", "label"]).to_pylist()
         jobs, unknown = self._plan(shard_url, rows)
         images = self._run(jobs)
-        cols, tar_bytes, dropped = self._score_and_pack(name, jobs, images)
+        rows, tar_bytes, dropped = self._score_and_pack(name, jobs, images)
         stats = {
-            "shard": name, "url": shard_url, "generated": len(jobs), "rows": len(cols["key"]),
+            "shard": name, "url": shard_url, "generated": len(jobs), "rows": len(rows),
             "dropped_low_clip": dropped, "unknown_labels": unknown,
-            "by_mode": dict(Counter(m["mode"] for m in cols["meta"])),
-            "label_agrees": sum(m["target_label"] == label for m, label in zip(cols["meta"], cols["label"])),
+            "by_mode": dict(Counter(r.meta["mode"] for r in rows)),
+            "label_agrees": sum(r.meta["target_label"] == r.label for r in rows),
             "seconds": round(time.perf_counter() - start, 3),
         }
         stats["images_per_s"] = round(len(jobs) / max(stats["seconds"], 1e-9), 2)
         write_atomic(augmented_path(out, name, "tar"), tar_bytes)
-        table = embeddings_table(cols, self.clip.dim, self.top_k)
+        table = rows_table(rows, self.clip.dim)
         write_table(augmented_path(out, name, "parquet"), table, {STATS_KEY: json.dumps(stats).encode()})
         return stats
 
@@ -175,11 +160,11 @@ class ShardAugmenter:
                 made.update(zip((j.key for j in batch), images))
         return [made[j.key] for j in jobs]
 
-    def _score_and_pack(self, shard: str, jobs: list[Job], images: list[Image.Image]) -> tuple[dict, bytes, int]:
-        """CLIP score vs class prompt, drop low scores, ViT labels, then the tar and the Parquet columns."""
-        cols: dict[str, list] = defaultdict(list)
+    def _score_and_pack(self, shard: str, jobs: list[Job], images: list[Image.Image]) -> tuple[list[Row], bytes, int]:
+        """CLIP score vs class prompt, drop low scores, ViT labels, then the tar and the Parquet rows."""
+        rows: list[Row] = []
         if not jobs:
-            return cols, _tar([]), 0
+            return rows, _tar([]), 0
         emb = self.clip.embed_images(torch.stack([self.clip.preprocess(im) for im in images]))
         scores = (emb * self.prompt_embeddings[[j.target for j in jobs]]).sum(axis=1)
         keep = [i for i in range(len(jobs)) if self.spec.min_clip_score is None
@@ -195,36 +180,22 @@ class ShardAugmenter:
             meta = self._meta(job, float(scores[i]))
             png = _png(image)
             members.append((job.key, png, meta))
-            self._add_row(cols, shard, job, image, emb[i], float(scores[i]), labels, n, meta)
+            rows.append(Row(
+                key=job.key, shard=shard, caption=self.prompts[job.target],  # the class prompt stands in for a caption
+                url=None, width=image.width, height=image.height, image_format="png", image_embedding=emb[i],
+                text_embedding=self.prompt_embeddings[job.target], clip_score=float(scores[i]), meta=meta,
+                **(labels.row(n) if labels else {})))
         tar_bytes = _tar(members)
         offsets = _png_offsets(tar_bytes)
-        cols["tar_offset"] = [offsets[k][0] for k in cols["key"]]
-        cols["tar_size"] = [offsets[k][1] for k in cols["key"]]
-        return cols, tar_bytes, len(jobs) - len(keep)
+        for row in rows:
+            row.tar_offset, row.tar_size = offsets[row.key]
+        return rows, tar_bytes, len(jobs) - len(keep)
 
     def _meta(self, job: Job, score: float) -> dict:
         return {"synthetic": True, "source_key": job.source_key, "target_label": self.gen.class_names[job.target],
                 "mode": job.mode, "seed": job.seed, "steps": self.steps, "guidance": self.guidance,
                 "strength": self.spec.strength if job.mode == "vary" else None, "model": self.gen.name,
                 "prompt_score": round(score, 6)}
-
-    def _add_row(self, cols, shard, job, image, emb, score, labels, n, meta) -> None:
-        cols["key"].append(job.key)
-        cols["shard"].append(shard)
-        cols["caption"].append(self.prompts[job.target])  # the class prompt stands in for a caption
-        cols["url"].append(None)
-        cols["width"].append(image.width)
-        cols["height"].append(image.height)
-        cols["image_format"].append("png")
-        cols["image_embedding"].append(emb)
-        cols["text_embedding"].append(self.prompt_embeddings[job.target])
-        cols["clip_score"].append(score)
-        cols["label_id"].append(int(labels.ids[n, 0]) if labels else None)
-        cols["label"].append(labels.names[n] if labels else None)
-        cols["label_prob"].append(float(labels.probs[n, 0]) if labels else None)
-        cols["topk_ids"].append(labels.ids[n].tolist() if labels else None)
-        cols["topk_probs"].append(labels.probs[n].tolist() if labels else None)
-        cols["meta"].append(meta)
 
 
 def _png(image: Image.Image) -> bytes:

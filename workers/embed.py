@@ -10,18 +10,18 @@ import json
 import queue
 import threading
 import time
-from collections import defaultdict
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from workers.config import ClipSpec, ComputeSpec, LabelSpec
-from workers.device import pick_batch_size, pick_device, pick_dtype
-from workers.models import ClipEmbedder, build_labeler
-from workers.reader import DecodedSample, SampleError, ShardReader, decode
-from workers.schema import STATS_KEY, embeddings_path, embeddings_table, errors_path, errors_table, write_table
-from workers.storage import exists, shard_name
+from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
+from shardlight.core.layout import STATS_KEY, embeddings_path, errors_path
+from shardlight.core.schema import Row, SampleError, errors_table, rows_table, write_table
+from shardlight.models.clip import ClipEmbedder
+from shardlight.models.device import pick_batch_size, pick_device, pick_dtype
+from shardlight.models.labelers import build_labeler
+from workers.reader import DecodedSample, ShardReader, decode
 
 _DONE = object()
 
@@ -47,22 +47,21 @@ class ShardEmbedder:
         start = time.perf_counter()
         reader = ShardReader(shard_url)
         errors: list[SampleError] = []
-        cols: dict[str, list] = defaultdict(list)
+        rows: list[Row] = []
         for batch in self._batches(reader, errors):
-            self._compute(batch, cols)
+            self._compute(batch, rows)
         if reader.problem:
             errors.append(SampleError(None, reader.name, "shard", reader.problem, dropped=False))
-        rows = len(cols["key"])
         dropped = sum(e.dropped for e in errors)
         stats = {
-            "shard": reader.name, "url": shard_url, "samples_read": rows + dropped, "rows": rows,
+            "shard": reader.name, "url": shard_url, "samples_read": len(rows) + dropped, "rows": len(rows),
             "errors": dropped, "notes": len(errors) - dropped, "problem": reader.problem,
-            "no_caption": sum(c is None for c in cols["caption"]),
+            "no_caption": sum(r.caption is None for r in rows),
             "seconds": round(time.perf_counter() - start, 3),
         }
-        stats["images_per_s"] = round(rows / max(stats["seconds"], 1e-9), 2)
+        stats["images_per_s"] = round(len(rows) / max(stats["seconds"], 1e-9), 2)
         write_table(errors_path(out, reader.name), errors_table(errors))
-        table = embeddings_table(cols, self.clip.dim, self.top_k)
+        table = rows_table(rows, self.clip.dim)
         write_table(embeddings_path(out, reader.name), table, {STATS_KEY: json.dumps(stats).encode()})
         return stats
 
@@ -108,7 +107,7 @@ class ShardEmbedder:
             yield item
         thread.join()
 
-    def _compute(self, batch: list, cols: dict) -> None:
+    def _compute(self, batch: list, rows: list[Row]) -> None:
         samples = [s for s, _, _ in batch]
         image_emb = self.clip.embed_images(torch.stack([px for _, px, _ in batch]))
         captions = [s.raw.caption for s in samples]
@@ -123,25 +122,12 @@ class ShardEmbedder:
             labels = self.labeler(label_px, image_emb)
         for i, s in enumerate(samples):
             raw = s.raw
-            cols["key"].append(raw.key)
-            cols["shard"].append(raw.shard)
-            cols["caption"].append(raw.caption)
-            cols["url"].append(raw.meta.get("url") if isinstance(raw.meta.get("url"), str) else None)
-            cols["width"].append(s.width)
-            cols["height"].append(s.height)
-            cols["image_format"].append(raw.image_format)
-            cols["tar_offset"].append(raw.tar_offset)
-            cols["tar_size"].append(raw.tar_size)
-            cols["image_embedding"].append(image_emb[i])
-            cols["text_embedding"].append(text_emb[i])
-            cols["clip_score"].append(float(scores[i]) if raw.caption is not None else None)
-            cols["label_id"].append(int(labels.ids[i, 0]) if labels else None)
-            cols["label"].append(labels.names[i] if labels else None)
-            cols["label_prob"].append(float(labels.probs[i, 0]) if labels else None)
-            cols["topk_ids"].append(labels.ids[i].tolist() if labels else None)
-            cols["topk_probs"].append(labels.probs[i].tolist() if labels else None)
-            cols["meta"].append(raw.meta)
+            rows.append(Row(
+                key=raw.key, shard=raw.shard, caption=raw.caption,
+                url=raw.meta.get("url") if isinstance(raw.meta.get("url"), str) else None,
+                width=s.width, height=s.height, image_format=raw.image_format,
+                tar_offset=raw.tar_offset, tar_size=raw.tar_size, image_embedding=image_emb[i],
+                text_embedding=text_emb[i] if raw.caption is not None else None,
+                clip_score=float(scores[i]) if raw.caption is not None else None,
+                meta=raw.meta, **(labels.row(i) if labels else {})))
 
-
-def shard_done(out: str, shard_url: str) -> bool:
-    return exists(embeddings_path(out, shard_name(shard_url)))

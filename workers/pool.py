@@ -3,7 +3,7 @@
 The driver ships a builder (a shard-worker class) and its constructor arguments (specs), never models;
 each actor builds its worker once and then calls `worker.process(shard_url, out) -> stats` per shard,
 writing the shard's outputs itself and returning only small stats. Any class with `describe()` and
-`process()` can be a shard worker (the embedder, the augmenter).
+`process()` can be a shard worker; the pool is handed it and names none.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import logging
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
-from workers.config import RaySpec, RunConfig
-from workers.shard_worker import ShardWorker
-from workers.errors import ClusterError, ShardlightError
+from shardlight.core.config import RaySpec, RunConfig
+from shardlight.core.errors import ClusterError, ShardlightError, first_line, last_line
 
 log = logging.getLogger("shardlight")
 
@@ -59,7 +58,7 @@ def connect(spec: RaySpec) -> bool:
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ClusterError(f"cannot reach Ray at {address!r}: {str(err).splitlines()[0]}") from None
+        raise ClusterError(f"cannot reach Ray at {address!r}: {first_line(err, with_type=False)}") from None
     return True
 
 
@@ -214,9 +213,7 @@ class ShardPool:
 
 
 def _cause(err: Exception) -> str:
-    cause = getattr(err, "cause", None) or err
-    lines = [l for l in str(cause).strip().splitlines() if l.strip()]
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:300]
+    return last_line(getattr(err, "cause", None) or err)[:300]
 
 
 def run_stage(cfg: RunConfig, out: str, shards: list[str], builder: Callable, args: tuple,
@@ -238,8 +235,3 @@ def run_stage(cfg: RunConfig, out: str, shards: list[str], builder: Callable, ar
         if started:
             ray.shutdown()
 
-
-def process_shards(cfg: RunConfig, out: str, shards: list[str],
-                   on_done: Callable[[dict], None] | None = None) -> PoolResult:
-    """The run's shard work: CLIP embeddings and labels, then DiT augmentations when enabled, one actor pool."""
-    return run_stage(cfg, out, shards, ShardWorker, (cfg.clip, cfg.labels, cfg.compute, cfg.augment), on_done)

@@ -10,15 +10,15 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from PIL import Image
 from webdataset.tariterators import group_by_keys
 
-from workers.storage import open_read, shard_name
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from shardlight.core.errors import first_line
+from shardlight.core.schema import IMAGE_EXTS, SampleError
+from shardlight.core.storage import open_read, shard_name
 
 
 @dataclass
@@ -35,25 +35,11 @@ class RawSample:
 
 
 @dataclass
-class SampleError:
-    key: str | None
-    shard: str
-    stage: str  # read | metadata | decode | compute
-    reason: str
-    dropped: bool = True  # False: the row was kept and only this detail is recorded
-
-
-@dataclass
 class DecodedSample:
     raw: RawSample
     image: Image.Image
     width: int
     height: int
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 @dataclass
@@ -91,9 +77,9 @@ class ShardReader:
             if self.members == 0 and any(w in str(err).lower() for w in ("empty", "end of file header")):
                 self.problem = "empty shard (no tar members)"
             elif self.members == 0:
-                self.problem = f"unreadable shard: {_first_line(err)}"
+                self.problem = f"unreadable shard: {first_line(err)}"
             else:
-                self.problem = f"truncated shard after {self.members} members: {_first_line(err)}"
+                self.problem = f"truncated shard after {self.members} members: {first_line(err)}"
 
     def __iter__(self) -> Iterator[RawSample | SampleError]:
         for sample in group_by_keys(self._members()):
@@ -109,7 +95,7 @@ class ShardReader:
                 if not isinstance(meta, dict):
                     raise ValueError("json metadata is not an object")
             except ValueError as err:
-                meta, metadata_error = {}, f"bad json metadata: {_first_line(err)}"
+                meta, metadata_error = {}, f"bad json metadata: {first_line(err)}"
         caption = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else None
         if not caption:
             caption = meta.get("caption") if isinstance(meta.get("caption"), str) and meta.get("caption") else None
@@ -131,5 +117,5 @@ def decode(raw: RawSample) -> DecodedSample | SampleError:
             width, height = img.size
             rgb = img.convert("RGB")
     except Exception as err:  # PIL raises many types for bad data (OSError, SyntaxError, bomb errors)
-        return SampleError(raw.key, raw.shard, "decode", f"cannot decode {raw.image_format}: {_first_line(err)}")
+        return SampleError(raw.key, raw.shard, "decode", f"cannot decode {raw.image_format}: {first_line(err)}")
     return DecodedSample(raw=raw, image=rgb, width=width, height=height)

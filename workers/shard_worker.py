@@ -8,10 +8,15 @@ embedded by an earlier run (say, before augmentation was switched on) is only au
 
 from __future__ import annotations
 
-from workers.augment import ShardAugmenter, augment_done
-from workers.config import AugmentSpec, ClipSpec, ComputeSpec, LabelSpec
-from workers.embed import ShardEmbedder, shard_done
-from workers.storage import shard_name
+from collections.abc import Callable
+
+from shardlight.core.config import AugmentSpec, ClipSpec, ComputeSpec, LabelSpec, RunConfig
+from shardlight.core.errors import first_line
+from shardlight.core.layout import augment_done, shard_done
+from shardlight.core.storage import shard_name
+from workers.augment import ShardAugmenter
+from workers.embed import ShardEmbedder
+from workers.pool import PoolResult, run_stage
 
 
 class ShardWorker:
@@ -39,10 +44,11 @@ class ShardWorker:
             try:
                 result["augment"] = self.augmenter.process(shard_url, out)
             except Exception as err:  # noqa: BLE001 - reported per shard, like a dead worker's shard
-                result["augment_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                result["augment_error"] = first_line(err)[:300]
         return result
 
 
-def stages_todo(out: str, shards: list[str], augment: bool) -> list[str]:
-    """Shards with a stage still to run: not embedded, or (with augmentation on) not augmented."""
-    return [s for s in shards if not shard_done(out, s) or (augment and not augment_done(out, s))]
+def process_shards(cfg: RunConfig, out: str, shards: list[str],
+                   on_done: Callable[[dict], None] | None = None) -> PoolResult:
+    """The run's shard work: CLIP embeddings and labels, then DiT augmentations when enabled, one actor pool."""
+    return run_stage(cfg, out, shards, ShardWorker, (cfg.clip, cfg.labels, cfg.compute, cfg.augment), on_done)

@@ -10,7 +10,7 @@ from pathlib import Path
 import fsspec
 from braceexpand import braceexpand
 
-from workers.errors import InputError
+from shardlight.core.errors import InputError
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 

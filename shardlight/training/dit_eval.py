@@ -20,15 +20,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers import synthetic
-from workers.config import ClipSpec, LabelSpec
-from workers.generator import DiTGenerator
-from workers.models import MODEL_DIR, ClipEmbedder, VitLabeler, read_weights_metadata
-from workers.train_dit import DitRecipe, build_demo_model, to_model_pixels, training_set
-from workers.training import decode, fmt_metric, held_out_samples
+from shardlight.core.config import ClipSpec, LabelSpec
+from shardlight.models.clip import ClipEmbedder
+from shardlight.models.labelers import VitLabeler
+from shardlight.models.sampler import DiTGenerator, PixelCodec
+from shardlight.models.weights import MODEL_DIR, read_weights_metadata
+from shardlight.training import synthetic
+from shardlight.training.demo_models import decode, fmt_metric, held_out_samples
+from shardlight.training.train_dit import DitRecipe, build_demo_model, training_set
 
 CLASS_PROMPT = "a photo of a {}"
-VIT_TARGET = 0.80  # issue 4: share of generated images the ViT assigns to the conditioning class
+VIT_TARGET = 0.80  # share of generated images the demo ViT must assign to the conditioning class
 
 
 def eval_seed(base: int, class_id: int, index: int) -> int:
@@ -88,7 +90,9 @@ def train_reference_classifier(recipe, epochs: int = 6) -> torch.nn.Module:
 
 @torch.no_grad()
 def reference_accuracy(cnn: torch.nn.Module, images: list[Image.Image], labels: list[int], size: int) -> float:
-    predicted = torch.cat([cnn(to_model_pixels(images[i:i + 256], size)).argmax(1) for i in range(0, len(images), 256)])
+    codec = PixelCodec(size, size)
+    predicted = torch.cat([cnn(codec.encode(images[i:i + 256], torch.device("cpu"))).argmax(1)
+                           for i in range(0, len(images), 256)])
     return float((predicted == torch.tensor(labels)).float().mean())
 
 
@@ -178,7 +182,7 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
     per_class = metrics.get("vit_accuracy_per_class") or {}
     lines = [
         "# shapes-dit: a tiny class-conditional DiT for the synthetic shapes demo", "",
-        f"A pixel-space Diffusion Transformer (`workers/dit.py`, {recipe['model']}: depth, width and heads "
+        f"A pixel-space Diffusion Transformer (`shardlight/models/dit.py`, {recipe['model']}: depth, width and heads "
         f"in `DIT_MODELS`; {recipe['model_size']}x{recipe['model_size']} RGB input, patch {patch} → {tokens} tokens) "
         f"with adaLN-Zero blocks, trained to denoise ({recipe['prediction']}-prediction: the network outputs "
         "v = √ᾱ ε − √(1−ᾱ) x₀ and the sampler recovers ε exactly; "
@@ -187,7 +191,7 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
         f"{recipe['guidance']}; outputs are bicubic-upsampled to {recipe['image_size']}x{recipe['image_size']}. "
         f"Weights: the EMA copy, fp16, {weights.stat().st_size / 1e6:.1f} MB.", "",
         "## Data",
-        f"`workers/synthetic.py` demo images (24 classes `<color> <shape>`, 64x64 JPEG), "
+        f"`shardlight/training/synthetic.py` demo images (24 classes `<color> <shape>`, 64x64 JPEG), "
         f"{recipe['train_per_class']} per class, seed {recipe['train_seed']}, box-downsampled to "
         f"{recipe['model_size']}px, random horizontal flips. Evaluation: real held-out images from seed "
         f"{recipe['eval_seed']}; generation seeds derived from (seed {recipe['eval_seed']}, class, index).", "",
@@ -195,7 +199,7 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
         *[f"| {k} | {v} |" for k, v in recipe.items()], "",
         "## Measured", "", "| metric | value |", "|---|---|",
         *[f"| {k} | {fmt_metric(v, missing='not measured (shipped weights missing)')} |" for k, v in headline.items()], "",
-        f"Target: ViT accuracy ≥ {VIT_TARGET} (issue 4)"
+        f"Target: ViT accuracy ≥ {VIT_TARGET}"
         + ("." if (metrics.get("vit_accuracy") or 0) >= VIT_TARGET else
            " — **not met**; see docs/dit.md.") + " `reference_cnn_*`: a small CNN trained for "
         "evaluation only on the DiT's own 32 px training images (independent of the shipped ViT); its accuracy "

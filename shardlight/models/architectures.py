@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import HybridEmbed
 from torch import nn
 
-from workers.errors import ModelLoadError
+from shardlight.core.errors import ModelLoadError
 
 
 def conv_stem(widths: tuple[int, ...]) -> nn.Sequential:

@@ -1,11 +1,11 @@
 """Train the demo DiT: a tiny class-conditional pixel-space diffusion transformer on synthetic shapes.
 
-The same code trains on CPU (`DitRecipe()`, ~25 minutes on 2 cores) or on a CUDA GPU (`GPU_RECIPE`, the
-shipped weights: finer patches, more steps).
+The same code trains on CPU (`DitRecipe()`) or on a CUDA GPU (`GPU_RECIPE`, the shipped weights: finer
+patches, more steps); docs/dit.md records what each costs and draws.
 
-Images are rendered by `workers.synthetic` (64x64 JPEGs, exactly as the demo shards hold them), reduced
+Images are rendered by `shardlight.training.synthetic` (64x64 JPEGs, exactly as the demo shards hold them), reduced
 to 32x32 for the model, and the model learns to denoise under a cosine schedule, predicting v (from which
-the sampler recovers ε exactly; see `workers.diffusion.Diffusion`).
+the sampler recovers ε exactly; see `shardlight.models.diffusion.Diffusion`).
 The EMA weights are shipped as fp16 safetensors with their architecture, class names, schedule and
 recipe in the header, plus a model card with metrics measured by the shipped ViT and CLIP.
 """
@@ -19,16 +19,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
-from workers import synthetic
-from workers.device import pick_device
-from workers.diffusion import Diffusion
-from workers.dit import build_dit
-from workers.training import decode, fp16_state, make_samples, metadata, warmup_cosine
+from shardlight.models.diffusion import Diffusion
+from shardlight.models.dit import build_dit
+from shardlight.models.sampler import PixelCodec
+from shardlight.training import synthetic
+from shardlight.training.demo_models import decode, fp16_state, make_samples, metadata, warmup_cosine
 
 DIT_NAME = "shapes-dit"
 
@@ -37,10 +35,10 @@ DIT_NAME = "shapes-dit"
 class DitRecipe:
     """Data, model and optimisation settings of the demo DiT; stored in its weights and card.
 
-    The defaults are the CPU recipe (~25 minutes on 2 cores); `GPU_RECIPE` is what the shipped weights used.
+    The defaults are the CPU recipe; `GPU_RECIPE` is what the shipped weights used (costs: docs/dit.md).
     """
 
-    model: str = "DiT-Tiny/4"  # registry name (workers.dit.DIT_MODELS)
+    model: str = "DiT-Tiny/4"  # registry name (shardlight.models.dit.DIT_MODELS)
     model_size: int = 32  # pixels the model sees (the 64x64 demo images are box-downsampled 2x)
     image_size: int = 64  # pixels of the stored images (model output is bicubic-upsampled)
     schedule: str = "cosine"  # β schedule; cosine keeps more signal at small resolutions
@@ -65,12 +63,11 @@ class DitRecipe:
     eval_per_class: int = 20  # generated (and real held-out) images per class for the metrics
 
 
-# Patch 2 (256 tokens at 32 px) draws shapes far better than patch 4 (docs/dit.md has the sweep) but costs
-# ~4x per step: ~3 hours on 2 CPU cores for this recipe, ~4 minutes on one H100.
+# Patch 2 draws shapes better than patch 4 at several times the cost per step (the sweep: docs/dit.md).
 GPU_RECIPE = DitRecipe(model="DiT-Tiny/2", steps=14400, batch_size=64)
 
 
-def _quick(recipe: DitRecipe) -> DitRecipe:
+def quick_recipe(recipe: DitRecipe) -> DitRecipe:
     """A smoke-test recipe: the same code path in seconds; the model will not be usable."""
     return replace(recipe, train_per_class=2, steps=3, batch_size=8, warmup_steps=1, eval_per_class=2,
                    sample_steps=3)
@@ -78,17 +75,10 @@ def _quick(recipe: DitRecipe) -> DitRecipe:
 
 # Data --------------------------------------------------------------------------------------------
 
-def to_model_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
-    """RGB images -> (N, 3, size, size) floats in [-1, 1] (box filter: an exact 2x average for 64 -> 32)."""
-    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BOX), dtype=np.float32)
-              for img in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
-
-
 def training_set(recipe: DitRecipe) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-balanced demo images (decoded JPEGs, as the pipeline reads them) and their class ids."""
     samples = make_samples(recipe.train_seed, recipe.train_per_class)
-    pixels = to_model_pixels([decode(s) for s in samples], recipe.model_size)
+    pixels = PixelCodec(recipe.model_size, recipe.model_size).encode([decode(s) for s in samples], torch.device("cpu"))
     labels = torch.tensor([metadata(s)["label_id"] for s in samples])
     return pixels, labels
 
@@ -179,41 +169,7 @@ def save_dit(model: torch.nn.Module, path: Path, recipe: DitRecipe, log: list[di
     save_file(fp16_state(model), str(path), metadata=meta)
 
 
-def train_demo_dit(out_dir: str | Path, quick: bool = False, device: str = "auto") -> dict:
-    """Train the demo DiT, evaluate it with the shipped ViT/CLIP, write weights and model card.
-
-    Args:
-        out_dir: folder for `shapes-dit.safetensors` and `shapes-dit.md` (configs/models for the shipped one).
-        quick: a few steps on a handful of images (smoke test); the model will not be usable.
-        device: "auto" trains `GPU_RECIPE` on a CUDA GPU when there is one, else the CPU recipe; "cpu" or
-            "cuda" choose.
-
-    Returns:
-        The measured metrics plus `train_seconds` and `weights` (the file written).
-    """
-    device = pick_device(device)
-    recipe = GPU_RECIPE if device.type == "cuda" else DitRecipe()
-    recipe = _quick(recipe) if quick else recipe
-    torch.set_num_threads(recipe.threads)
-    out = Path(out_dir)
-    start = time.monotonic()
-    ema, log = train_dit(recipe, device=device)
-    seconds = time.monotonic() - start
-    path = out / f"{DIT_NAME}.safetensors"
-    save_dit(ema, path, recipe, log, seconds, trained_on=_device_name(device))
-    return finish_card(path, out, device)
-
-
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU, {torch.get_num_threads()} thread(s)"
-
-
-def finish_card(path: Path, out: Path, device: torch.device | str = "cpu") -> dict:
-    """Evaluate the written weights (loaded as the augmenter loads them) and write the model card."""
-    from workers.dit_eval import evaluate_dit, write_dit_card
-
-    metrics = evaluate_dit(path, device)
-    write_dit_card(out / f"{DIT_NAME}.md", path, metrics)
-    return {**metrics, "weights": str(path)}

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from workers.schema import read_stats, run_record_path
-from workers.storage import exists, filesystem, join, local_path, open_read, read_bytes
+from shardlight.core.layout import num_rows, parquet_files, read_stats, run_record_path
+from shardlight.core.storage import exists, join, local_path, open_read, read_bytes
 
 REPORT_DIR = "report"
 REPORT_PAGE = "index.html"
@@ -115,18 +115,6 @@ def _number(value) -> str:
     return str(value)
 
 
-def parquet_files(out: str, folder: str) -> list[str]:
-    fs, path = filesystem(join(out, folder))
-    if not fs.exists(path):
-        return []
-    return sorted(join(out, folder, p.rsplit("/", 1)[-1]) for p in fs.glob(f"{path}/*.parquet"))
-
-
-def _num_rows(url: str) -> int:
-    with open_read(url) as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
 def _read_json(url: str) -> dict:
     return json.loads(read_bytes(url)) if exists(url) else {}
 
@@ -199,8 +187,8 @@ def collect_summary(out: str) -> RunSummary:
     dedup = join(out, "dedup", "duplicates.parquet")
     return RunSummary(
         out=out, shards=len(files), samples_read=sum(s.get("samples_read", 0) for s in stats),
-        rows=sum(_num_rows(u) for u in files), errors=dropped, notes=kept, errors_by_reason=by_reason,
-        synthetic_rows=sum(_num_rows(u) for u in parquet_files(out, "augmented")),
+        rows=sum(num_rows(u) for u in files), errors=dropped, notes=kept, errors_by_reason=by_reason,
+        synthetic_rows=sum(num_rows(u) for u in parquet_files(out, "augmented")),
         dedup=_dedup_counts(dedup) if exists(dedup) else None,
         stages=_stages(out, stats, record, index), models=_models(record),
         versions=record.get("versions", {}), code_version=record.get("code_version"),

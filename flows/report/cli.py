@@ -13,7 +13,7 @@ def report(
     open_: bool = typer.Option(False, "--open", help="Open the report in the default browser."),
 ) -> None:
     """Write OUT/report/index.html: summary, label grids, CLIP scores, embedding map, augmentations."""
-    from flows.report import build_report
+    from flows.report.build import build_report
 
     page = build_report(out, open_browser=open_)
     console.print(f"report: {page}  ({page.as_uri()})")

@@ -1,7 +1,7 @@
 """Images in, images out with a DiT: load weights (the demo's or the published DiT-XL/2), choose pixel or
 latent space, then `generate` from class labels or `vary` source images (SDEdit), deterministic per seed.
 
-Published DiT checkpoints (`DiT-XL-2-256x256.pt`) name their tensors differently from `workers.dit`;
+Published DiT checkpoints (`DiT-XL-2-256x256.pt`) name their tensors differently from `shardlight.models.dit`;
 `convert_published_state_dict` renames them, and the architecture is read from the tensor shapes. Latent
 models decode through a local diffusers `AutoencoderKL` folder (e.g. sd-vae-ft-ema), scaled by 0.18215.
 """
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.device import autocast
-from workers.diffusion import Diffusion, seeded_noise
-from workers.dit import DIT_MODELS, DiT, DiTConfig, _SIZES
-from workers.errors import ModelLoadError
-from workers.models import load_weights_file, read_weights_metadata
+from shardlight.core.errors import ModelLoadError, first_line
+from shardlight.models.device import autocast
+from shardlight.models.diffusion import Diffusion, seeded_noise
+from shardlight.models.dit import _SIZES, DIT_MODELS, DiT, DiTConfig
+from shardlight.models.weights import class_names_for, load_weights_file, read_weights_metadata
 
 VAE_SCALE = 0.18215  # the SD VAE latent scale the published DiT checkpoints were trained with
 
@@ -37,7 +37,7 @@ PUBLISHED_RENAMES: tuple[tuple[str, str], ...] = (
 
 
 def convert_published_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a published DiT state dict (`x_embedder`, `adaLN_modulation.1`, …) to `workers.dit` names."""
+    """Rename a published DiT state dict (`x_embedder`, `adaLN_modulation.1`, …) to `shardlight.models.dit` names."""
     for wrapper in ("ema", "model"):  # training checkpoints nest the weights; the released files do not
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -85,7 +85,7 @@ def _load_dit(name: str | None, checkpoint: str | None) -> tuple[DiT, dict]:
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as err:
-        raise ModelLoadError(f"DiT weights {checkpoint} do not fit {name}: {str(err).splitlines()[0]}") from None
+        raise ModelLoadError(f"DiT weights {checkpoint} do not fit {name}: {first_line(err, with_type=False)}") from None
     return model.eval().requires_grad_(False), meta
 
 
@@ -118,7 +118,7 @@ class VaeCodec:
         try:
             self.vae = AutoencoderKL.from_pretrained(folder, local_files_only=True).to(device).eval()
         except Exception as err:  # diffusers raises OSError/ValueError/EnvironmentError for bad folders
-            raise ModelLoadError(f"could not load VAE from {folder}: {str(err).splitlines()[0][:160]}") from None
+            raise ModelLoadError(f"could not load VAE from {folder}: {first_line(err, with_type=False)[:160]}") from None
         self.image_size = self.model_size = image_size
 
     @torch.no_grad()
@@ -140,7 +140,7 @@ class DiTGenerator:
         self.model, meta = _load_dit(name, checkpoint)
         self.model.to(self.device)
         cfg = self.model.config
-        self.class_names = json.loads(meta["class_names"]) if "class_names" in meta else _imagenet_names(cfg)
+        self.class_names = json.loads(meta["class_names"]) if "class_names" in meta else class_names_for(cfg.num_classes)
         self.diffusion = Diffusion(meta.get("schedule", "linear"), int(meta.get("diffusion_steps", 1000)),
                                    meta.get("prediction", "eps"))
         self.default_guidance = float(meta.get("guidance", 4.0))
@@ -179,12 +179,3 @@ class DiTGenerator:
                                     steps or self.default_steps, self.default_guidance if guidance is None else guidance,
                                     clip=not self.latent)
         return self.codec.decode(x.float())
-
-
-def _imagenet_names(cfg: DiTConfig) -> list[str]:
-    if cfg.num_classes != 1000:
-        return [str(i) for i in range(cfg.num_classes)]
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)]

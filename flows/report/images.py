@@ -15,9 +15,10 @@ from collections import defaultdict
 
 from PIL import Image
 
-from flows.report_data import Sample
-from workers.schema import augmented_path
-from workers.storage import exists, open_read, read_ranges
+from flows.report.data import Sample
+from shardlight.core.layout import augmented_path
+from shardlight.core.schema import IMAGE_EXTS
+from shardlight.core.storage import exists, open_read, read_ranges
 
 log = logging.getLogger("shardlight")
 
@@ -56,8 +57,6 @@ def _read_group(url: str, samples: list[Sample]) -> dict[str, bytes | None]:
 
 def _scan_tar(url: str, keys: set[str]) -> dict[str, bytes]:
     """Stream a (possibly compressed) tar once and pick the image members of `keys`."""
-    from workers.reader import IMAGE_EXTS  # here, not at the top: workers.reader pulls in torch via webdataset
-
     found = {}
     with open_read(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for info in tar:

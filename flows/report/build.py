@@ -12,18 +12,18 @@ import logging
 import webbrowser
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from flows import report_plots as plots
-from flows.report_data import SCORE_EDGES, Sample, Scan, find_rows, project_2d, scan_run
-from flows.report_images import data_uri, read_images
-from flows.report_summary import RunSummary, collect_summary, report_path, summary_html, summary_markdown
-from workers.errors import InputError
-from workers.storage import exists, is_local, join, open_read
+from flows.report import plots
+from flows.report.data import SCORE_EDGES, Sample, Scan, find_rows, project_2d, scan_run
+from flows.report.images import data_uri, read_images
+from flows.report.summary import RunSummary, collect_summary, report_path, summary_html, summary_markdown
+from shardlight.core.errors import InputError
+from shardlight.core.storage import exists, is_local, join, open_read
 
 __all__ = ["build_report", "summary_markdown"]
 log = logging.getLogger("shardlight")
@@ -218,7 +218,7 @@ def _write_png(path: Path, data: bytes) -> None:
 
 
 def _page(out: str, sections: list[str]) -> str:
-    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    when = datetime.now(UTC).isoformat(timespec="seconds")
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>shardlight report: "
             f"{html.escape(out)}</title><style>{_CSS}</style></head><body>"
             f"<h1>shardlight run report</h1><p class=sub>{html.escape(out)} · generated {when}</p>"

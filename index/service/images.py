@@ -14,9 +14,9 @@ from functools import lru_cache
 import pyarrow.parquet as pq
 
 from index.search import Searcher
-from workers.errors import InputError
-from workers.schema import augmented_path, read_stats
-from workers.storage import open_read, read_ranges
+from shardlight.core.errors import InputError
+from shardlight.core.layout import augmented_path, read_stats
+from shardlight.core.storage import open_read, read_ranges
 
 MEDIA_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 MAX_IMAGE_BYTES = 64 << 20  # a recorded size above this is treated as corrupt metadata

@@ -1,6 +1,6 @@
 """Train the demo models on synthetic shapes: a small CLIP (open_clip) and a small ViT classifier (timm).
 
-Both train on CPU in minutes from data regenerated with `workers.synthetic`, are evaluated on a pool made
+Both train on CPU in minutes from data regenerated with `shardlight.training.synthetic`, are evaluated on a pool made
 with a seed never used in training, and are written as fp16 safetensors plus a model card each.
 The shipped defaults in configs/models/ come from `train_demo_models("configs/models")`.
 """
@@ -14,9 +14,9 @@ import platform
 import random
 import string
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from workers import synthetic
-from workers.config import ClipSpec, LabelSpec
-from workers.models import ClipEmbedder, VitLabeler, register_repo_models
+from shardlight.core.config import ClipSpec, LabelSpec
+from shardlight.models.clip import ClipEmbedder
+from shardlight.models.labelers import VitLabeler
+from shardlight.models.weights import register_repo_models
+from shardlight.training import synthetic
 
 CLIP_NAME, VIT_NAME = "shapes-clip", "shapes-vit"
 REPRODUCE = "shardlight train-demo-models OUT_DIR"
@@ -227,7 +229,7 @@ def train_vit(recipe: Recipe) -> VitLabeler:
     torch.manual_seed(recipe.init_seed)  # timm initialises from the global generator
     vit = VitLabeler(LabelSpec(kind="vit", model=VIT_NAME), torch.device("cpu"))
     if tuple(vit.class_names) != synthetic.CLASS_NAMES:
-        raise ValueError(f"{VIT_NAME}.json class_names must equal workers.synthetic.CLASS_NAMES, in order")
+        raise ValueError(f"{VIT_NAME}.json class_names must equal shardlight.training.synthetic.CLASS_NAMES, in order")
     print(f"{VIT_NAME}: {recipe.steps} steps x {recipe.batch_size} new images (seed {recipe.train_seed})", flush=True)
 
     def loss_for(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -241,7 +243,7 @@ def train_vit(recipe: Recipe) -> VitLabeler:
 
 # Evaluation --------------------------------------------------------------------------------------
 
-# What the shipped demo models must reach on held-out data (issue 3).
+# What the shipped demo models must reach on held-out data (docs/models.md).
 TARGETS = {"t2i_precision_at_10_min": 0.80, "i2t_top1_min": 0.90, "top1": 0.95}
 
 
@@ -321,7 +323,7 @@ def write_card(path: Path, title: str, summary: str, recipe: Recipe, metrics: di
     lines = [
         f"# {title}", "", summary, "",
         "## Data",
-        f"Synthetic shapes from `workers/synthetic.py`: 24 classes (`<color> <shape>`), 64x64 JPEGs, one shape "
+        f"Synthetic shapes from `shardlight/training/synthetic.py`: 24 classes (`<color> <shape>`), 64x64 JPEGs, one shape "
         f"per image with random size, position, rotation, background and colour jitter. Training: "
         f"{_training_data(recipe)}, seed {recipe.train_seed}, captions drawn from TRAIN_TEMPLATES. "
         f"Held-out evaluation: {recipe.eval_per_class} images per class, seed {recipe.eval_seed} "
@@ -379,7 +381,7 @@ def _make_vit(out: Path, recipe: Recipe) -> dict:
     metrics = evaluate_vit(load_vit(path), held_out_samples(recipe.eval_seed, recipe.eval_per_class))
     write_card(out / f"{VIT_NAME}.md", f"{VIT_NAME}: a small ViT classifier for the synthetic shapes demo",
                "A hybrid Vision Transformer (Dosovitskiy et al. 2021, §3.1), registered with timm as "
-               "`shapes_vit_hybrid` (workers/architectures.py; `configs/models/shapes-vit.json`): a 3-block "
+               "`shapes_vit_hybrid` (shardlight/models/architectures.py; `configs/models/shapes-vit.json`): a 3-block "
                "conv stem turns the 64x64 image into an 8x8 map whose cells are the patch tokens, then a ViT "
                "(CLS token, learned position embeddings, 4 pre-norm blocks of width 64 with GELU MLPs). "
                "Trained from scratch with cross-entropy (label smoothing 0.1) to predict the 24 classes.",

@@ -15,9 +15,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from workers.reader import SampleError, ShardReader, decode
-from workers.schema import read_stats
-from workers.storage import exists, join, open_read, read_bytes
+from shardlight.core.layout import parquet_files, read_stats
+from shardlight.core.schema import SampleError
+from shardlight.core.storage import join, open_read, read_bytes
+from workers.reader import ShardReader, decode
 
 CELL, LABEL_W, GAP = 64, 150, 8
 
@@ -41,7 +42,7 @@ def _source_images(shard_url: str, keys: set[str]) -> dict[str, Image.Image]:
 def collect(out: str, max_per_row: int = 8) -> tuple[dict[str, list], dict[str, list]]:
     """{class: [generated images]} and {class: [(source, [variations])]} from a run folder."""
     generated, varied = defaultdict(list), defaultdict(list)
-    for parquet in list_shards_parquet(out):
+    for parquet in parquet_files(out, "augmented"):
         rows = pq.read_table(open_read(parquet)).to_pylist()
         images = _tar_images(parquet[: -len(".parquet")] + ".tar")
         vary_rows = [r for r in rows if r.get("mode") == "vary"]
@@ -56,21 +57,6 @@ def collect(out: str, max_per_row: int = 8) -> tuple[dict[str, list], dict[str, 
             if key in sources:
                 varied[label].append((sources[key], variations))
     return generated, varied
-
-
-def list_shards_parquet(out: str) -> list[str]:
-    folder = join(out, "augmented")
-    if not exists(folder):
-        return []
-    return sorted(p for p in _listing(folder) if p.endswith(".parquet") and not Path(p).name.startswith("."))
-
-
-def _listing(folder: str) -> list[str]:
-    from workers.storage import filesystem, is_local
-
-    fs, path = filesystem(folder)
-    protocol = None if is_local(folder) else folder.split("://", 1)[0]
-    return [p if protocol is None else f"{protocol}://{p}" for p in fs.ls(path, detail=False)]
 
 
 def _row_cells(generated: list, varied: list, max_per_row: int) -> list[tuple[Image.Image, str]]:

@@ -12,10 +12,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from workers.errors import InputError
-from workers.storage import is_local
+from shardlight.core.errors import InputError, first_line
+from shardlight.core.storage import is_local
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
@@ -144,7 +144,7 @@ def load_config(path: str | Path, **overrides) -> RunConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise InputError(f"{path}: not valid YAML ({first_line(err, with_type=False)})") from None
     if isinstance(data, dict):
         data.update({k: v for k, v in overrides.items() if v is not None})
     return parse_config(data, source=str(path), base=path.resolve().parent)

@@ -1,6 +1,6 @@
 """The HTTP query service: JSON search API, image bytes, the web page, and clip-retrieval's routes.
 
-    >>> from index.server import serve
+    >>> from index.service.server import serve
     >>> serve("out", host="127.0.0.1", port=1234, api_key=None)
 
 Routes: `GET /` (web page), `GET|POST /search`, `GET /image/{key}`, `POST /knn-service`,
@@ -23,15 +23,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from index import clip_back
-from index.http_common import (
-    Limits, ServerSettings, bad_request, check_api_key, check_k, check_text, decode_image, hit_json,
+from index.search import Hit, KeyNotFound, Searcher
+from index.service import clip_back
+from index.service.http_common import (
+    Limits,
+    ServerSettings,
+    bad_request,
+    check_api_key,
+    check_k,
+    check_text,
+    decode_image,
+    hit_json,
     validation_message,
 )
-from index.images import ImageStore, ImageUnavailable
-from index.metrics import Metrics
-from index.search import Hit, KeyNotFound, Searcher
-from workers.errors import InputError, ShardlightError
+from index.service.images import ImageStore, ImageUnavailable
+from index.service.metrics import Metrics
+from shardlight.core.errors import InputError, ShardlightError
 
 log = logging.getLogger("shardlight")
 STATIC = Path(__file__).parent / "static"

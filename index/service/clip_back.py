@@ -13,8 +13,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
-from index.http_common import bad_request, check_api_key, check_k, check_text, decode_image, hit_json
 from index.search import Hit, Searcher
+from index.service.http_common import bad_request, check_api_key, check_k, check_text, decode_image, hit_json
 
 DEDUP_THRESHOLD = 0.94  # clip back's: results closer than this to a better one are dropped
 

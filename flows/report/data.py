@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flows.report_summary import parquet_files
-from workers.schema import read_stats
-from workers.storage import open_read
+from shardlight.core.layout import parquet_files, read_stats
+from shardlight.core.storage import open_read
 
 MAP_MAX = 5_000  # embeddings kept for the 2-D map
 EXAMPLES_PER_LABEL = 6

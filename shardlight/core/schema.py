@@ -1,0 +1,143 @@
+"""The Parquet rows of shardlight's outputs: one typed `Row` per image, one `SampleError` per problem.
+
+Input rows (OUT/embeddings/) and generated rows (OUT/augmented/) are both `Row`s and go through
+`rows_table`, so the two folders share their core columns; json metadata fields become extra columns.
+Errors are data: every sample read is either a row or a `SampleError` with `dropped=True`
+(`rows + dropped == samples read`); `dropped=False` records a detail of a row that was kept.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shardlight.core.storage import write_atomic
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image members a WebDataset sample may carry
+
+# Core columns; json fields of the same name are stored as json_<name>.
+CORE_COLUMNS = (
+    "key", "shard", "caption", "url", "width", "height", "image_format", "tar_offset", "tar_size",
+    "image_embedding", "text_embedding", "clip_score",
+    "label_id", "label", "label_prob", "topk_ids", "topk_probs",
+)
+# Consumed from json into core columns rather than copied as extras.
+CONSUMED_JSON = ("key", "caption", "url")
+
+ERROR_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("stage", pa.string()),
+    ("reason", pa.string()), ("dropped", pa.bool_()),
+])
+
+
+@dataclass
+class SampleError:
+    key: str | None
+    shard: str
+    stage: str  # read | metadata | decode | compute | shard
+    reason: str
+    dropped: bool = True  # False: the row was kept and only this detail is recorded
+
+
+@dataclass
+class Row:
+    """One image's row: where it came from, its CLIP vectors and score, its labels and its json fields."""
+
+    key: str
+    shard: str
+    caption: str | None
+    url: str | None
+    width: int
+    height: int
+    image_format: str | None
+    image_embedding: np.ndarray  # (dim,) float32, L2-normalised
+    text_embedding: np.ndarray | None  # None: no caption (stored as null)
+    clip_score: float | None
+    tar_offset: int | None = None  # byte offset of the image member's data in its (uncompressed) tar
+    tar_size: int | None = None
+    label_id: int | None = None
+    label: str | None = None
+    label_prob: float | None = None
+    topk_ids: list[int] | None = None
+    topk_probs: list[float] | None = None
+    meta: dict = field(default_factory=dict)  # the sample's json fields (extra columns)
+
+
+def _vectors(rows: np.ndarray, dim: int, mask: np.ndarray | None = None) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(rows, dtype=np.float32).reshape(-1))
+    if mask is None:
+        return pa.FixedSizeListArray.from_arrays(flat, dim)
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(mask))
+
+
+def _extra_column(values: list) -> pa.Array:
+    """json fields: scalars keep their type; nested values or mixed types become JSON strings."""
+    try:
+        arr = pa.array(values)
+        if not (pa.types.is_struct(arr.type) or pa.types.is_list(arr.type) or pa.types.is_null(arr.type)):
+            return arr
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    return pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+
+
+def extra_fields(metas: list[dict]) -> dict[str, pa.Array]:
+    names = sorted({k for m in metas for k in m if k not in CONSUMED_JSON})
+    columns = {}
+    for name in names:
+        column = f"json_{name}" if name in CORE_COLUMNS else name
+        columns[column] = _extra_column([m.get(name) for m in metas])
+    return columns
+
+
+def rows_table(rows: list[Row], dim: int) -> pa.Table:
+    """The per-shard table of `rows`, in their order."""
+    zero = np.zeros(dim, np.float32)
+    image = np.stack([r.image_embedding for r in rows]) if rows else np.zeros((0, dim), np.float32)
+    text = np.stack([zero if r.text_embedding is None else r.text_embedding for r in rows]) if rows \
+        else np.zeros((0, dim), np.float32)
+    has_text = np.array([r.text_embedding is not None for r in rows], dtype=bool)
+
+    def column(name: str, kind: pa.DataType) -> pa.Array:
+        return pa.array([getattr(r, name) for r in rows], kind)
+
+    arrays = {
+        "key": column("key", pa.string()),
+        "shard": column("shard", pa.string()),
+        "caption": column("caption", pa.string()),
+        "url": column("url", pa.string()),
+        "width": column("width", pa.int32()),
+        "height": column("height", pa.int32()),
+        "image_format": column("image_format", pa.string()),
+        "tar_offset": column("tar_offset", pa.int64()),
+        "tar_size": column("tar_size", pa.int64()),
+        "image_embedding": _vectors(image, dim),
+        "text_embedding": _vectors(text, dim, mask=~has_text),
+        "clip_score": column("clip_score", pa.float32()),
+        "label_id": column("label_id", pa.int32()),
+        "label": column("label", pa.string()),
+        "label_prob": column("label_prob", pa.float32()),
+        "topk_ids": column("topk_ids", pa.list_(pa.int32())),
+        "topk_probs": column("topk_probs", pa.list_(pa.float32())),
+    }
+    arrays.update(extra_fields([r.meta for r in rows]))
+    return pa.table(arrays)
+
+
+def errors_table(errors: list[SampleError]) -> pa.Table:
+    return pa.Table.from_pylist([asdict(e) for e in errors], schema=ERROR_SCHEMA)
+
+
+def write_table(url: str, table: pa.Table, metadata: dict | None = None) -> None:
+    """Write a Parquet file atomically, with optional key-value metadata (the shard's stats)."""
+    if metadata:
+        existing = table.schema.metadata or {}
+        table = table.replace_schema_metadata({**existing, **metadata})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_atomic(url, buf.getvalue())
