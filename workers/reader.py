@@ -7,7 +7,6 @@ read before the damage is still yielded. Nothing is dropped without a record.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from webdataset.tariterators import group_by_keys
 from shardlight.core.errors import first_line
 from shardlight.core.schema import IMAGE_EXTS, SampleError
 from shardlight.core.storage import open_read, shard_name
+from shardlight.models.preprocess import open_rgb
 
 
 @dataclass
@@ -112,10 +112,7 @@ class ShardReader:
 def decode(raw: RawSample) -> DecodedSample | SampleError:
     """Decode image bytes to RGB; a corrupt or unreadable image becomes a SampleError."""
     try:
-        with Image.open(io.BytesIO(raw.image)) as img:
-            img.load()
-            width, height = img.size
-            rgb = img.convert("RGB")
+        rgb, width, height = open_rgb(raw.image)
     except Exception as err:  # PIL raises many types for bad data (OSError, SyntaxError, bomb errors)
         return SampleError(raw.key, raw.shard, "decode", f"cannot decode {raw.image_format}: {first_line(err)}")
     return DecodedSample(raw=raw, image=rgb, width=width, height=height)
