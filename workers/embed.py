@@ -21,7 +21,8 @@ from shardlight.models.clip import ClipEmbedder
 from shardlight.models.device import pick_batch_size, pick_device, pick_dtype
 from shardlight.models.labelers import build_labeler
 from workers.cpus import apply_threads, held_cpus, model_threads
-from workers.decode import DecodedBatch, DecodeSpecs, make_decoder
+from workers.decode import DecodedBatch, DecodeSpecs
+from workers.decoders import make_decoder
 from workers.reader import DecodedSample, ShardReader
 
 
@@ -62,6 +63,7 @@ class ShardEmbedder:
         reader = ShardReader(shard_url)
         errors: list[SampleError] = []
         rows: list[Row] = []
+        fallbacks = self._fallbacks()
         for batch in self.decoder.batches(reader):
             errors.extend(batch.errors)
             if batch.samples:
@@ -73,6 +75,7 @@ class ShardEmbedder:
             "shard": reader.name, "url": shard_url, "samples_read": len(rows) + dropped, "rows": len(rows),
             "errors": dropped, "notes": len(errors) - dropped, "problem": reader.problem,
             "no_caption": sum(r.caption is None for r in rows),
+            "decode_fallbacks": self._fallbacks() - fallbacks,
             "seconds": round(time.perf_counter() - start, 3),
         }
         stats["images_per_s"] = round(len(rows) / max(stats["seconds"], 1e-9), 2)
@@ -80,6 +83,10 @@ class ShardEmbedder:
         table = rows_table(rows, self.clip.dim)
         write_table(embeddings_path(out, reader.name), table, {STATS_KEY: json.dumps(stats).encode()})
         return stats
+
+    def _fallbacks(self) -> int:
+        """Images the GPU decoder handed to the CPU so far (0 for the CPU decoder)."""
+        return getattr(self.decoder, "stats", {}).get("fallbacks", 0)
 
     def _prepare(self, sample: DecodedSample) -> tuple:
         """One decoded image through the models' own PIL transforms (float tensors): for benchmarks that

@@ -42,7 +42,7 @@ class LabelSpec(_Strict):
 class ComputeSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the worker has a GPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU; CPU: docs/benchmarks.md
-    batch_size: int | None = Field(None, ge=1)  # None: 256 per GPU, 32 on CPU
+    batch_size: int | None = Field(None, ge=1)  # None: from free GPU memory (512 on an idle 80 GB GPU), 32 on CPU
     prefetch_batches: int = Field(4, ge=1)  # decoded batches queued ahead of the model
     threads: int | None = Field(None, ge=1)  # torch threads; None: the CPUs the worker holds (Ray's share)
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # where images are decoded (gpu: issue 19's decoder)
