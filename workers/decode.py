@@ -121,7 +121,7 @@ class CpuDecoder:
         self.chunk = max(1, min(16, -(-batch_size // max(1, workers))))
         self.in_flight = 2 * max(1, workers) + 1
         self._pool: cf.Executor | None = None
-        self.restarts = 0  # pool restarts over this decoder's life (a decode process died)
+        self.restarts = 0  # pool restarts (a decode process died) during the current or last shard
 
     def describe(self) -> dict:
         return {"decode": "cpu", "decode_workers": self.workers,
@@ -174,6 +174,7 @@ class CpuDecoder:
 
     def _conduct(self, samples: Iterable, put) -> None:
         assembler = _Assembler(self.batch_size, self.pin_memory, put)
+        self.restarts = 0
         outstanding: deque = deque()  # [chunk, future] in shard order
         chunk: list = []
         images = 0
@@ -199,9 +200,14 @@ class CpuDecoder:
             return done
         if self._pool is None:
             self._pool = self._new_pool()
-        if self.mode == "thread":
-            return self._pool.submit(decode_chunk, jobs, self.specs)
-        return self._pool.submit(decode_chunk, jobs)
+        try:
+            if self.mode == "thread":
+                return self._pool.submit(decode_chunk, jobs, self.specs)
+            return self._pool.submit(decode_chunk, jobs)
+        except cf.process.BrokenProcessPool as err:  # died since the last collect: fail like a pending chunk
+            failed: cf.Future = cf.Future()
+            failed.set_exception(err)
+            return failed
 
     def _collect(self, outstanding: deque, assembler: _Assembler) -> None:
         while True:
@@ -213,13 +219,14 @@ class CpuDecoder:
         assembler.add(outstanding.popleft()[0], results)
 
     def _restart(self, outstanding: deque, err: Exception) -> None:
-        """A decode process died: start a fresh pool and decode every uncollected chunk again."""
+        """A decode process died: start a fresh pool and decode again every chunk without a result."""
         self.restarts += 1
         self.close()
         if self.restarts > self.max_restarts:
             raise ClusterError(f"decode workers died {self.restarts} times ({err}); giving up on this shard")
         for entry in outstanding:
-            entry[1] = self._submit(entry[0])
+            if not entry[1].done() or entry[1].exception() is not None:
+                entry[1] = self._submit(entry[0])
 
     def _new_pool(self) -> cf.Executor:
         if self.mode == "thread":
