@@ -1,0 +1,224 @@
+"""The GPU data path, stage by stage and whole, on img2dataset-like shards generated on the spot.
+
+    python bench/gpu_pipeline.py [--samples 20000] [--rounds 3] [--batch-size N] [--budget-s 150]
+    python bench/gpu_pipeline.py --samples 256 --rounds 1 --model shapes-clip   # CPU smoke test
+
+One prepared command for a fresh GPU machine without a package registry: it writes the shards (256-px
+photo-like JPEG + caption + img2dataset json, in parallel on every core), a random-weight open_clip
+ViT-B-32 to a local file (no hub), then measures images/s of each stage alone and of the whole worker:
+
+  read          ShardReader over the shards, one thread (tar parsing, grouping, json)
+  decode-gpu    GpuDecoder.batches: read + batched JPEG decode + resize/crop on the GPU (per backend)
+  decode-cpu    CpuDecoder.batches with every CPU but one as decode processes (PIL), for comparison
+  tokenise      open_clip's tokenizer on the captions, one thread
+  forward       ViT-B-32 image + caption forward (bf16 on a GPU) on uint8 batches already on the device,
+                captions pre-tokenised
+  pipeline      ShardEmbedder.process per shard: read → decode → forward → Parquet, as a worker runs it
+
+Ray and Prefect are not installed on the GPU machine (too large to carry as wheels), so the pipeline is
+the worker in-process (what a Ray actor runs per shard), not `shardlight run`. Stages alternate within a
+round (rounds interleaved); the table gives the median and the spread over rounds, and each rate as a
+ratio of the slowest of decode-gpu and forward alone. With OUT set, the figures go to $OUT/gpu_pipeline.json.
+On a machine without CUDA the same stages run on the CPU (decode-gpu then uses torchvision's CPU decoder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision >= 0.29: decode_jpeg → TorchCodec
+
+import torch  # noqa: E402
+
+from bench.common import machine  # noqa: E402
+from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec  # noqa: E402
+from shardlight.training.photos import write_photo_shards  # noqa: E402
+from workers.decode import CpuDecoder  # noqa: E402
+from workers.embed import ShardEmbedder  # noqa: E402
+from workers.gpu_decode import BACKENDS, GpuDecoder, nvimgcodec_available  # noqa: E402
+from workers.reader import RawSample, ShardReader  # noqa: E402
+
+
+def random_weights(model_name: str, folder: Path) -> str:
+    """Random weights for an open_clip model saved to a local file: the checkpoint a real run would load."""
+    import open_clip
+
+    from shardlight.models.weights import register_repo_models
+
+    register_repo_models()
+    torch.manual_seed(0)
+    path = folder / f"{model_name}-random.pt"
+    torch.save(open_clip.create_model(model_name, pretrained=None).state_dict(), path)
+    return str(path)
+
+
+def count(batches) -> int:
+    return sum(len(b.samples) for b in batches)
+
+
+class Stages:
+    """The measured stages over one set of shards; each returns the images it handled."""
+
+    def __init__(self, embedder: ShardEmbedder, shards: list[Path], work: Path, cpu_workers: int):
+        self.embedder, self.shards, self.work = embedder, [str(s) for s in shards], work
+        self.specs = embedder.decoder.specs
+        self.gpu = {name: GpuDecoder(ComputeSpec(), embedder.device, self.specs, cpus=os.cpu_count() or 1,
+                                     batch_size=embedder.batch_size, backend=name)
+                    for name in self.backends()}
+        self.cpu = CpuDecoder(self.specs, workers=cpu_workers, batch_size=embedder.batch_size)
+        self.captions = [s.caption or "" for url in self.shards for s in ShardReader(url) if isinstance(s, RawSample)]
+        self.prepared: list = []  # (uint8 pixels on the device, token ids) per batch, for `forward`
+        self.runs = 0
+
+    def backends(self) -> list[str]:
+        if self.embedder.device.type != "cuda":
+            return ["torchvision"]
+        return [name for name in BACKENDS if name == "torchvision" or nvimgcodec_available()]
+
+    def read(self) -> int:
+        return sum(isinstance(s, RawSample) for url in self.shards for s in ShardReader(url))
+
+    def decode_gpu(self, backend: str) -> int:
+        decoder = self.gpu[backend]
+        return sum(count(decoder.batches(ShardReader(url))) for url in self.shards)
+
+    def decode_cpu(self) -> int:
+        return sum(count(self.cpu.batches(ShardReader(url))) for url in self.shards)
+
+    def tokenise(self) -> int:
+        bs, tokenizer = self.embedder.batch_size, self.embedder.clip.tokenizer
+        for i in range(0, len(self.captions), bs):
+            tokenizer(self.captions[i:i + bs])
+        return len(self.captions)
+
+    def prepare_forward(self) -> None:
+        """Pixels decoded on the device and captions tokenised, before any clock starts."""
+        clip = self.embedder.clip
+        for url in self.shards:
+            for batch in self.gpu["torchvision"].batches(ShardReader(url)):
+                if batch.samples:
+                    tokens = clip.tokenizer([m.raw.caption or "" for m in batch.samples])
+                    self.prepared.append((batch.clip.clone(), tokens))
+
+    def forward(self) -> int:
+        clip = self.embedder.clip
+        for pixels, tokens in self.prepared:
+            clip.embed_images(pixels)
+            clip.embed_tokens(tokens)
+        return sum(len(p) for p, _ in self.prepared)
+
+    def pipeline(self) -> int:
+        out = self.work / f"out-{self.runs}"
+        self.runs += 1
+        rows = sum(self.embedder.process(url, str(out))["rows"] for url in self.shards)
+        shutil.rmtree(out, ignore_errors=True)
+        return rows
+
+    def all(self) -> dict:
+        stages = {"read": self.read, "decode-cpu": self.decode_cpu, "tokenise": self.tokenise,
+                  "forward": self.forward, "pipeline": self.pipeline}
+        for name in self.gpu:
+            stages[f"decode-gpu[{name}]"] = lambda name=name: self.decode_gpu(name)
+        return stages
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    n = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def measure(stages: Stages, rounds: int, deadline: float) -> dict[str, list[float]]:
+    """Every stage once per round, the order rotated each round; stops early past the deadline."""
+    funcs = stages.all()
+    for fn in funcs.values():  # warm-up: CUDA kernels, nvJPEG state, decode processes, file cache
+        fn()
+    rates: dict[str, list[float]] = {name: [] for name in funcs}
+    names = list(funcs)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            rates[name].append(timed(funcs[name], stages.embedder.device))
+        if time.perf_counter() > deadline:
+            break
+    return rates
+
+
+def summarise(rates: dict[str, list[float]]) -> dict:
+    stats = {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
+             for name, v in rates.items()}
+    decode = max((k for k in stats if k.startswith("decode-gpu")), key=lambda k: stats[k]["median"])
+    slowest = min(stats[decode]["median"], stats["forward"]["median"])
+    return {"stages": stats, "decode_backend": decode[len("decode-gpu["):-1], "slowest_alone": slowest,
+            "pipeline_vs_slowest": stats["pipeline"]["median"] / slowest,
+            "pipeline_vs_forward": stats["pipeline"]["median"] / stats["forward"]["median"],
+            "decode_gpu_vs_cpu": stats[decode]["median"] / stats["decode-cpu"]["median"]}
+
+
+def print_table(summary: dict) -> None:
+    base = summary["slowest_alone"]
+    print(f"{'stage':<26}{'images/s':>10}{'spread':>20}{'÷ slowest':>11}")
+    for name, s in summary["stages"].items():
+        spread = f"{s['min']:.0f}–{s['max']:.0f}"
+        print(f"{name:<26}{s['median']:>10.0f}{spread:>20}{s['median'] / base:>11.2f}")
+    print(f"pipeline ÷ slowest of decode-gpu[{summary['decode_backend']}] and forward: "
+          f"{summary['pipeline_vs_slowest']:.2f}; decode gpu ÷ cpu workers: {summary['decode_gpu_vs_cpu']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=20_000)
+    parser.add_argument("--shard-size", type=int, default=2_500, help="samples per shard")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model (random weights); smoke: shapes-clip")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: from free GPU memory")
+    parser.add_argument("--cpu-decode-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--budget-s", type=float, default=150.0, help="no new round starts after this")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="shardlight-gpu-bench-") as tmp:
+        tmp = Path(tmp)
+        shards = write_photo_shards(tmp / "data", max(1, -(-args.samples // args.shard_size)),
+                                    min(args.samples, args.shard_size), seed=19, processes=os.cpu_count() or 1)
+        generated = time.perf_counter() - start
+        weights = random_weights(args.model, tmp)
+        embedder = ShardEmbedder(ClipSpec(model=args.model, pretrained=weights), LabelSpec(kind="none"),
+                                 ComputeSpec(batch_size=args.batch_size))
+        stages = Stages(embedder, shards, tmp, args.cpu_decode_workers)
+        stages.prepare_forward()
+        loaded = time.perf_counter() - start
+        rates = measure(stages, args.rounds, start + args.budget_s)
+        stats = {name: dict(d.stats) for name, d in stages.gpu.items()}
+        worker = embedder.describe()
+        stages.cpu.close()
+        embedder.close()
+    summary = summarise(rates)
+    summary.update(machine=machine(), worker=worker, samples=len(stages.captions), shards=len(shards),
+                   torch=torch.__version__, generate_s=round(generated, 1), setup_s=round(loaded, 1),
+                   total_s=round(time.perf_counter() - start, 1), gpu_decoder_stats=stats)
+    if os.environ.get("OUT"):
+        os.makedirs(os.environ["OUT"], exist_ok=True)
+        Path(os.environ["OUT"], "gpu_pipeline.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\n{summary['machine']}; {args.model} (random weights), image + caption, {summary['samples']} samples "
+          f"in {summary['shards']} shards; {', '.join(f'{k} {v}' for k, v in worker.items() if k != 'dim')}")
+    print(f"generate {summary['generate_s']} s, setup {summary['setup_s']} s, total {summary['total_s']} s")
+    print_table(summary)
+
+
+if __name__ == "__main__":
+    main()
