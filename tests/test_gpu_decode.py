@@ -259,3 +259,27 @@ def test_hostile_shards_embed_to_the_same_rows_and_errors_on_the_gpu(damaged_sha
         keys = {d: pq.read_table(embeddings_path(str(tmp_path / d), shard.stem))["key"].to_pylist()
                 for d in ("cpu", "gpu")}
         assert keys["cpu"] == keys["gpu"]
+
+
+# --- captions tokenised in helper processes (CI) ---------------------------------------------------------
+
+def test_text_pool_tokenises_like_the_model_in_order():
+    from shardlight.models.clip import ClipEmbedder
+    from workers.text import TextPool, text_processes
+
+    assert text_processes("cpu", 16) == 0 and text_processes("cuda", 2) == 0 and text_processes("cuda", 16) == 4
+    clip = ClipEmbedder(ClipSpec(model="shapes-clip"), torch.device("cpu"))
+    batches = [[f"a red circle number {i} " * (i % 5 + 1) for i in range(b, b + 7)] for b in range(0, 35, 7)]
+    batches.insert(2, [])  # a batch without captions
+    pool = TextPool("shapes-clip", processes=1, chunk=3)
+    try:
+        got = list(pool.ahead(iter(batches), lambda texts: texts, depth=2))
+    finally:
+        pool.close()
+    assert [item for item, _ in got] == batches
+    for texts, tokens in got:
+        if not texts:
+            assert tokens is None
+            continue
+        assert np.array_equal(tokens, clip.tokenizer(texts).numpy())
+        assert np.allclose(clip.embed_tokens(tokens), clip.embed_texts(texts))

@@ -24,6 +24,7 @@ from workers.cpus import apply_threads, held_cpus, model_threads
 from workers.decode import DecodedBatch, DecodeSpecs
 from workers.decoders import make_decoder
 from workers.reader import DecodedSample, ShardReader
+from workers.text import TextPool, text_processes
 
 
 class ShardEmbedder:
@@ -40,6 +41,8 @@ class ShardEmbedder:
         self.labeler = build_labeler(labels, self.device, self.dtype, self.clip)
         self.top_k = labels.top_k
         self.decoder = make_decoder(compute, self.device, self._specs(compute), self.cpus, self.batch_size)
+        processes = text_processes(self.device.type, self.cpus)
+        self.text = TextPool(clip.model, processes) if processes else None
 
     def _specs(self, compute: ComputeSpec) -> DecodeSpecs:
         """uint8 pixel specs where the models' transforms split; their own transforms otherwise."""
@@ -52,10 +55,13 @@ class ShardEmbedder:
         return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "batch_size": self.batch_size, "dim": self.clip.dim, "cpus": self.cpus,
                 "threads": torch.get_num_threads(), "text_real_length": self.clip.cuts_text,
+                "text_processes": self.text.processes if self.text else 0,
                 **self.decoder.describe()}
 
     def close(self) -> None:
         self.decoder.close()
+        if self.text:
+            self.text.close()
 
     def process(self, shard_url: str, out: str) -> dict:
         """Embed one shard and write its outputs; returns the shard's stats."""
@@ -64,10 +70,12 @@ class ShardEmbedder:
         errors: list[SampleError] = []
         rows: list[Row] = []
         fallbacks = self._fallbacks()
-        for batch in self.decoder.batches(reader):
+        batches = self.decoder.batches(reader)
+        with_tokens = self.text.ahead(batches, _captions) if self.text else ((b, None) for b in batches)
+        for batch, tokens in with_tokens:
             errors.extend(batch.errors)
             if batch.samples:
-                self._compute(batch, rows)
+                self._compute(batch, rows, tokens)
         if reader.problem:
             errors.append(SampleError(None, reader.name, "shard", reader.problem, dropped=False))
         dropped = sum(e.dropped for e in errors)
@@ -97,14 +105,16 @@ class ShardEmbedder:
             label_px = self.labeler.transform(sample.image)
         return sample, clip_px, label_px
 
-    def _compute(self, batch: DecodedBatch, rows: list[Row]) -> None:
+    def _compute(self, batch: DecodedBatch, rows: list[Row], tokens=None) -> None:
+        """Embed and label one batch; `tokens`: its captions already tokenised (by the TextPool)."""
         samples = batch.samples
         image_emb = self.clip.embed_images(batch.clip)
         captions = [s.raw.caption for s in samples]
         with_text = [i for i, c in enumerate(captions) if c is not None]
         text_emb = np.zeros_like(image_emb)
         if with_text:
-            text_emb[with_text] = self.clip.embed_texts([captions[i] for i in with_text])
+            text_emb[with_text] = self.clip.embed_tokens(tokens) if tokens is not None \
+                else self.clip.embed_texts([captions[i] for i in with_text])
         scores = (image_emb * text_emb).sum(axis=1)
         labels = None
         if self.labeler is not None:
@@ -120,3 +130,6 @@ class ShardEmbedder:
                 clip_score=float(scores[i]) if raw.caption is not None else None,
                 meta=raw.meta, **(labels.row(i) if labels else {})))
 
+
+def _captions(batch: DecodedBatch) -> list[str]:
+    return [m.raw.caption for m in batch.samples if m.raw.caption is not None]

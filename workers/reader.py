@@ -11,6 +11,7 @@ import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from PIL import Image
 from webdataset.tariterators import group_by_keys
@@ -51,7 +52,7 @@ class ShardReader:
     members: int = 0
     _offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def name(self) -> str:
         return shard_name(self.url)
 
