@@ -12,6 +12,18 @@ def test_cpu_defaults():
     assert pick_dtype(cpu, "bf16") == torch.bfloat16
     assert pick_batch_size(cpu, None) == 32 and pick_batch_size(cpu, 7) == 7
     assert pick_device("cpu").type == "cpu"
+    assert pick_dtype(cpu, "auto", params=1_000) == torch.float32  # a demo-sized model stays in fp32
+
+
+def test_cpu_auto_bf16_needs_native_bf16_and_a_large_model(monkeypatch):
+    from shardlight.models import device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert pick_dtype(cpu, "auto", params=150_000_000) == torch.bfloat16
+    assert pick_dtype(cpu, "auto", params=5_000_000) == torch.float32
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert pick_dtype(cpu, "auto", params=150_000_000) == torch.float32
 
 
 def test_gpu_batch_size_follows_free_memory():

@@ -35,9 +35,10 @@ class ShardEmbedder:
         self.cpus = held_cpus()
         self.threads = model_threads(compute, self.device, self.cpus)
         apply_threads(self.threads)
-        self.dtype = pick_dtype(self.device, compute.precision)
         self.batch_size = pick_batch_size(self.device, compute.batch_size)
-        self.clip = ClipEmbedder(clip, self.device, self.dtype)
+        self.clip = ClipEmbedder(clip, self.device)
+        params = sum(p.numel() for p in self.clip.model.parameters())
+        self.dtype = self.clip.dtype = pick_dtype(self.device, compute.precision, params)
         self.labeler = build_labeler(labels, self.device, self.dtype, self.clip)
         self.top_k = labels.top_k
         self.decoder = make_decoder(compute, self.device, self._specs(compute), self.cpus, self.batch_size)

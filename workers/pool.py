@@ -93,6 +93,8 @@ def plan_pool(cfg: RunConfig, shards: int) -> PoolPlan:
     else:
         auto_actors, auto_cpus = cpu_share([int(n.get("CPU", 0)) for n in nodes])
         wanted = cfg.ray.num_actors or (max(1, int(cpus // 2)) if cfg.ray.cpus_per_actor else auto_actors)
+        if cfg.ray.num_actors and not cfg.ray.cpus_per_actor:  # as many actors as asked, sharing the CPUs
+            auto_cpus = min(auto_cpus, max(cpus / cfg.ray.num_actors, 0.01))
         gpu_each, cpu_each = 0.0, cfg.ray.cpus_per_actor or auto_cpus
     if cfg.ray.num_actors is None:
         wanted = max(wanted, cfg.ray.min_actors)

@@ -15,14 +15,29 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda")
 
 
-def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """Autocast dtype: bf16 where the GPU supports it, else fp16; fp32 on CPU unless asked."""
+# CPU bf16 autocast pays only with native bf16 matrix units and a model big enough to be matmul-bound;
+# agreement with fp32 was measured for ViT-B-32 and the demo models (docs/benchmarks.md, "bf16 on CPUs").
+CPU_BF16_MIN_PARAMS = 50_000_000
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX tiles or AVX512-BF16: without them bf16 matmuls are emulated and slower than fp32."""
+    import torch.cpu
+
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def pick_dtype(device: torch.device, precision: str = "auto", params: int | None = None) -> torch.dtype:
+    """Autocast dtype: bf16 where the GPU supports it, else fp16. On a CPU, `auto` is bf16 only for models
+    of at least CPU_BF16_MIN_PARAMS `params` on a CPU with native bf16, else fp32."""
     if precision == "fp32":
         return torch.float32
     if precision in ("bf16", "fp16"):
         return torch.bfloat16 if precision == "bf16" else torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if params is not None and params >= CPU_BF16_MIN_PARAMS and cpu_has_native_bf16():
+        return torch.bfloat16
     return torch.float32
 
 
