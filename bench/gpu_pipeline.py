@@ -75,9 +75,13 @@ class Stages:
     def __init__(self, embedder: ShardEmbedder, shards: list[Path], work: Path, cpu_workers: int):
         self.embedder, self.shards, self.work = embedder, [str(s) for s in shards], work
         self.specs = embedder.decoder.specs
-        self.gpu = {name: GpuDecoder(ComputeSpec(), embedder.device, self.specs, cpus=os.cpu_count() or 1,
-                                     batch_size=embedder.batch_size, backend=name)
-                    for name in self.backends()}
+        self.gpu = {}
+        for name in self.backends():
+            try:
+                self.gpu[name] = GpuDecoder(ComputeSpec(), embedder.device, self.specs, cpus=os.cpu_count() or 1,
+                                            batch_size=embedder.batch_size, backend=name)
+            except Exception as err:  # an optional backend that does not start is reported, not fatal
+                print(f"decode backend {name} unavailable: {type(err).__name__}: {err}")
         self.cpu = CpuDecoder(self.specs, workers=cpu_workers, batch_size=embedder.batch_size)
         self.captions = [s.caption or "" for url in self.shards for s in ShardReader(url) if isinstance(s, RawSample)]
         self.prepared: list = []  # (uint8 pixels on the device, token ids) per batch, for `forward`
@@ -182,8 +186,14 @@ def timed(fn, device: torch.device) -> float:
 def measure(stages: Stages, rounds: int, deadline: float) -> dict[str, list[float]]:
     """Every stage once per round, the order rotated each round; stops early past the deadline."""
     funcs = stages.all()
-    for fn in funcs.values():  # warm-up: CUDA kernels, nvJPEG state, decode processes, file cache
-        fn()
+    for name, fn in list(funcs.items()):  # warm-up: CUDA kernels, nvJPEG state, decode processes, file cache
+        try:
+            fn()
+        except Exception as err:
+            if name != "decode-gpu[nvimgcodec]":
+                raise
+            print(f"{name} failed, left out: {type(err).__name__}: {err}")
+            del funcs[name]
     rates: dict[str, list[float]] = {name: [] for name in funcs}
     names = list(funcs)
     for r in range(rounds):

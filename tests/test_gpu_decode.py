@@ -183,6 +183,17 @@ def test_a_failed_batch_is_retried_image_by_image(tmp_path, monkeypatch):
     assert gpu.stats["retries"] == 1 and gpu.stats["fallbacks"] == 1 and gpu.stats["gpu"] == 9
 
 
+def test_a_consumer_that_stops_early_leaves_no_thread_behind(tmp_path):
+    import threading
+
+    shard = write_photo_shards(tmp_path / "d", 1, 24, seed=3)[0]
+    gpu, _ = _pair(torch.device("cpu"), batch_size=4)
+    batches = gpu.batches(ShardReader(str(shard)))
+    assert len(next(batches).samples) == 4
+    batches.close()  # e.g. the model raised: the reading and decoding threads must end, not block
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode-") and t.is_alive()]
+
+
 # --- on a GPU: embeddings against the CPU decoding path --------------------------------------------------
 
 def _embeddings(out, shard) -> dict:

@@ -148,19 +148,25 @@ class NvImageCodecJpeg:
         from nvidia import nvimgcodec
 
         self.device = device
-        self.decoder = nvimgcodec.Decoder(device_id=device.index or 0)
+        # fancy upsampling of the chroma planes, as libjpeg (and so PIL) does by default
+        self.decoder = nvimgcodec.Decoder(device_id=device.index or 0, options=":fancy_upsampling=1")
         self.params = nvimgcodec.DecodeParams(color_spec=nvimgcodec.ColorSpec.RGB, allow_any_depth=False,
                                               apply_exif_orientation=False)
 
     def decode(self, datas: list[bytes]) -> list[torch.Tensor]:
-        images = self.decoder.decode(datas, params=self.params)
-        if any(image is None for image in images):
+        stream = torch.cuda.current_stream(self.device).cuda_stream  # results ordered on our stream
+        images = self.decoder.decode(datas, params=self.params, cuda_stream=stream)
+        # Failed images come back as None (or, in older releases, are left out of the list).
+        if len(images) != len(datas) or any(image is None for image in images):
             raise RuntimeError("nvimgcodec could not decode an image of the batch")
-        # HWC views of the library's buffers; the tensors keep them alive. Its decode is synchronous.
+        # HWC views of the library's buffers; the tensors keep them alive.
         return [torch.as_tensor(image, device=self.device).permute(2, 0, 1) for image in images]
 
 
 BACKENDS = {"torchvision": TorchvisionJpeg, "nvimgcodec": NvImageCodecJpeg}
+# Chosen by measurement (bench/gpu_pipeline.py, docs/benchmarks.md): torchvision ships with the GPU stack
+# a run already has; nvImageCodec is an extra wheel and is used only if it measures faster.
+DEFAULT_BACKEND = "torchvision"
 
 
 def nvimgcodec_available() -> bool:
@@ -189,20 +195,23 @@ def _ahead(items: Iterator, depth: int, stop: threading.Event) -> Iterator:
     ready: queue.Queue = queue.Queue(maxsize=depth)
     end = object()
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer stopped
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            ready.put(end)
+            put(end)
         except BaseException as err:  # re-raised on the decode thread
-            ready.put(err)
+            put(err)
 
     thread = threading.Thread(target=produce, name="decode-read", daemon=True)
     thread.start()
@@ -229,7 +238,7 @@ class GpuDecoder(CpuDecoder):
     """
 
     def __init__(self, compute: ComputeSpec, device: torch.device, specs: DecodeSpecs, cpus: int = 1,
-                 batch_size: int = 256, backend: str = "torchvision"):
+                 batch_size: int = 256, backend: str = DEFAULT_BACKEND):
         if not self.supports(specs):
             raise InputError("compute.decode 'gpu' needs models whose transforms are resize + centre crop + "
                              "normalise; use decode: cpu (or auto) for this model")
@@ -299,6 +308,8 @@ class GpuDecoder(CpuDecoder):
         for i, result in zip(on_cpu, self._cpu_decode([raws[i] for i in on_cpu])):
             results[i] = result
         self.stats["errors"] += sum(isinstance(r, str) for r in results)
+        if self._side is not None:  # the chunk's GPU work is done before its host buffer is refilled
+            self._side.synchronize()
         return results
 
     def _gpu_decode(self, datas: list[bytes]) -> list[torch.Tensor | None]:
