@@ -145,7 +145,10 @@ def _same_output(gpu: GpuDecoder, cpu: CpuDecoder, url: str, max_mean_diff: floa
     got, want = _decode_all(gpu, url), _decode_all(cpu, url)
     assert got[0] == want[0] and got[2] == want[2]  # keys, sizes and error records, in order
     if want[1] is not None:
-        assert (got[1].float() - want[1].float()).abs().mean() < max_mean_diff
+        # nvJPEG's IDCT and chroma upsampling are not libjpeg's: pixels differ more on a GPU (embeddings are
+        # compared below); on a CPU both sides use libjpeg and only the resize differs.
+        slack = 3.0 if gpu.device.type == "cuda" else 1.0
+        assert (got[1].float() - want[1].float()).abs().mean() < max_mean_diff * slack
     return got
 
 
@@ -225,7 +228,7 @@ def _gpu_vs_cpu_decode(clip: ClipSpec, labels: LabelSpec, shards, tmp_path, batc
 @pytest.mark.gpu
 @cuda
 def test_gpu_decoded_photo_embeddings_match_the_cpu_path(tmp_path):
-    shards = write_photo_shards(tmp_path / "photos", 2, 160, seed=11, processes=2)
+    shards = write_photo_shards(tmp_path / "photos", 2, 128, seed=11)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cos, _, runs = _gpu_vs_cpu_decode(ClipSpec(model="ViT-B-32"), LabelSpec(kind="none"), shards, tmp_path)

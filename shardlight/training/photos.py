@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import random
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -109,5 +110,6 @@ def write_photo_shards(out_dir: str | Path, shards: int, samples_per_shard: int,
     jobs = [(str(out), s, samples_per_shard, seed, side) for s in range(shards)]
     if processes <= 1 or shards == 1:
         return [Path(_write_shard(j)) for j in jobs]
-    with ProcessPoolExecutor(min(processes, shards)) as pool:
+    # spawn: a caller may already run threads or hold a CUDA context, which a forked child must not inherit
+    with ProcessPoolExecutor(min(processes, shards), mp_context=multiprocessing.get_context("spawn")) as pool:
         return [Path(p) for p in pool.map(_write_shard, jobs)]
