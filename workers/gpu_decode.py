@@ -225,6 +225,10 @@ def _ahead(items: Iterator, depth: int, stop: threading.Event) -> Iterator:
         thread.join()
 
 
+def _geometry(spec: PixelSpec) -> tuple:
+    return spec.resize, spec.size, spec.interpolation
+
+
 def _result(width: int, height: int, pixels: list) -> tuple:
     """One decoded image as the CPU decoder's `decode_one` returns it: (width, height, clip, label | None)."""
     return width, height, pixels[0], pixels[1] if len(pixels) > 1 else None
@@ -298,8 +302,12 @@ class GpuDecoder(CpuDecoder):
         done = [(i, image) for i, image in zip(on_gpu, decoded) if image is not None]
         if done:
             images = [image for _, image in done]
-            by_spec = {spec: fit(images, spec) for spec in set(self.targets)}  # models sharing a spec share pixels
-            fitted = [by_spec[spec] for spec in self.targets]
+            # models with the same resize + crop share the uint8 pixels (normalisation happens later)
+            by_geometry: dict = {}
+            for spec in self.targets:
+                if _geometry(spec) not in by_geometry:
+                    by_geometry[_geometry(spec)] = fit(images, spec)
+            fitted = [by_geometry[_geometry(spec)] for spec in self.targets]
             for row, (i, image) in enumerate(done):
                 results[i] = _result(int(image.shape[2]), int(image.shape[1]), [f[row] for f in fitted])
         on_cpu = [i for i, r in enumerate(results) if r is None]
