@@ -1,6 +1,6 @@
 """The GPU data path, stage by stage and whole, on img2dataset-like shards generated on the spot.
 
-    python bench/gpu_pipeline.py [--samples 20000] [--rounds 3] [--batch-size N] [--budget-s 150]
+    python bench/gpu_pipeline.py [--samples 20000] [--rounds 3] [--batch-size N] [--budget-s 120]
     python bench/gpu_pipeline.py --samples 256 --rounds 1 --model shapes-clip   # CPU smoke test
 
 One prepared command for a fresh GPU machine without a package registry: it writes the shards (256-px
@@ -14,6 +14,8 @@ ViT-B-32 to a local file (no hub), then measures images/s of each stage alone an
   forward       ViT-B-32 image + caption forward (bf16 on a GPU) on uint8 batches already on the device,
                 captions pre-tokenised
   pipeline      ShardEmbedder.process per shard: read → decode → forward → Parquet, as a worker runs it
+  pipeline[switch 1 ms]  the same with Python's thread switch interval at 1 ms instead of 5: the model
+                thread gets the interpreter back sooner after each GPU wait (a candidate, not yet adopted)
   pipeline[K]   the same in K processes sharing the GPU, the shards and the CPUs split between them (what
                 `ray.gpus_per_actor: 1/K` runs), measured once after the rounds
 
@@ -132,9 +134,17 @@ class Stages:
         shutil.rmtree(out, ignore_errors=True)
         return rows
 
+    def pipeline_switch(self, seconds: float = 0.001) -> int:
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(seconds)
+        try:
+            return self.pipeline()
+        finally:
+            sys.setswitchinterval(before)
+
     def all(self) -> dict:
         stages = {"read": self.read, "decode-cpu": self.decode_cpu, "tokenise": self.tokenise,
-                  "forward": self.forward, "pipeline": self.pipeline}
+                  "forward": self.forward, "pipeline": self.pipeline, "pipeline[switch 1 ms]": self.pipeline_switch}
         for name in self.gpu:
             stages[f"decode-gpu[{name}]"] = lambda name=name: self.decode_gpu(name)
         return stages
