@@ -24,6 +24,7 @@ from workers.cpus import apply_threads, held_cpus, model_threads
 from workers.decode import DecodedBatch, DecodeSpecs
 from workers.decoders import make_decoder
 from workers.reader import DecodedSample, ShardReader
+from workers.reader_process import ReaderProcess
 from workers.text import TextPool, text_processes
 
 
@@ -44,6 +45,9 @@ class ShardEmbedder:
         self.decoder = make_decoder(compute, self.device, self._specs(compute), self.cpus, self.batch_size)
         processes = text_processes(self.device.type, self.cpus)
         self.text = TextPool(clip.model, processes) if processes else None
+        # Where captions are tokenised in helper processes (a GPU worker with CPUs to spare), the shard is
+        # read in one too: this process then only feeds the GPU (docs/operations.md, "GPU decoding").
+        self.reading = ReaderProcess() if processes else None
 
     def _specs(self, compute: ComputeSpec) -> DecodeSpecs:
         """uint8 pixel specs where the models' transforms split; their own transforms otherwise."""
@@ -61,13 +65,14 @@ class ShardEmbedder:
 
     def close(self) -> None:
         self.decoder.close()
-        if self.text:
-            self.text.close()
+        for helper in (self.text, self.reading):
+            if helper:
+                helper.close()
 
     def process(self, shard_url: str, out: str) -> dict:
         """Embed one shard and write its outputs; returns the shard's stats."""
         start = time.perf_counter()
-        reader = ShardReader(shard_url)
+        reader = self.reading.open(shard_url) if self.reading else ShardReader(shard_url)
         errors: list[SampleError] = []
         rows: list[Row] = []
         fallbacks = self._fallbacks()
