@@ -8,8 +8,9 @@ photo-like JPEG + caption + img2dataset json, in parallel on every core), a rand
 ViT-B-32 to a local file (no hub), then measures images/s of each stage alone and of the whole worker:
 
   read          ShardReader over the shards, one thread (tar parsing, grouping, json)
-  decode-gpu    GpuDecoder.batches: read + batched JPEG decode + resize/crop on the GPU (per backend)
-  decode-cpu    CpuDecoder.batches with every CPU but one as decode processes (PIL), for comparison
+  decode-gpu    GpuDecoder.batches: batched JPEG decode + resize/crop on the GPU (per backend), fed as the
+                worker feeds it (its reader process on a GPU machine)
+  decode-cpu    CpuDecoder.batches with every CPU but one as decode processes (PIL), fed the same way
   tokenise      open_clip's tokenizer on the captions, one thread
   forward       ViT-B-32 image + caption forward (bf16 on a GPU) on uint8 batches already on the device,
                 captions pre-tokenised
@@ -98,12 +99,17 @@ class Stages:
     def read(self) -> int:
         return sum(isinstance(s, RawSample) for url in self.shards for s in ShardReader(url))
 
+    def source(self, url: str):
+        """The shard as the worker reads it: through its reader process when it has one."""
+        reading = self.embedder.reading
+        return reading.open(url) if reading else ShardReader(url)
+
     def decode_gpu(self, backend: str) -> int:
         decoder = self.gpu[backend]
-        return sum(count(decoder.batches(ShardReader(url))) for url in self.shards)
+        return sum(count(decoder.batches(self.source(url))) for url in self.shards)
 
     def decode_cpu(self) -> int:
-        return sum(count(self.cpu.batches(ShardReader(url))) for url in self.shards)
+        return sum(count(self.cpu.batches(self.source(url))) for url in self.shards)
 
     def tokenise(self) -> int:
         bs, tokenizer = self.embedder.batch_size, self.embedder.clip.tokenizer
