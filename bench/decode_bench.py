@@ -46,9 +46,10 @@ SHIPPED_VIT = LabelSpec(kind="vit", model="shapes-vit", checkpoint=str(CONFIG_DI
 def interleaved(settings: dict, rounds: int) -> None:
     """Run each setting once per round, in turn; print median rate and the per-round ratio's spread."""
     rates: dict[str, list[float]] = {name: [] for name in settings}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, run in settings.items():
             rates[name].append(run())
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
     base = rates[next(iter(settings))]
     print(f"{'setting':<34}{'images/s':>10}{'ratio':>8}  spread")
     for name, values in rates.items():
@@ -102,11 +103,13 @@ def _worker_run(embedder: ShardEmbedder, shard: str):
     return run
 
 
-def photo_crops(paths: list[str], min_side: int, count: int, seed: int = 0) -> list[bytes]:
+def photo_crops(paths: list[str], min_side: int, count: int, seed: int = 0) -> tuple[list[bytes], int]:
     """JPEG crops of real photos at their native resolution, each side >= min_side (quality 90)."""
     rng = random.Random(seed)
     photos = [Image.open(p).convert("RGB") for p in paths]
     photos = [p for p in photos if min(p.size) >= min_side]
+    if not photos:
+        return [], 0
     out = []
     for i in range(count):
         photo = photos[i % len(photos)]
@@ -116,26 +119,31 @@ def photo_crops(paths: list[str], min_side: int, count: int, seed: int = 0) -> l
         buf = io.BytesIO()
         photo.crop((x, y, x + w, y + h)).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
-    return out
+    return out, len(photos)
 
 
 def draft(args) -> None:
+    """Embedding cosine of a reduced-scale decode vs a full one, drafting to 1x and to 2x the resize."""
     for clip_spec, name in [(ClipSpec(model="ViT-B-32"), "ViT-B-32 (random weights)"), (SHIPPED_CLIP, "shapes-clip")]:
         clip = ClipEmbedder(clip_spec, CPU)
         spec = clip.pixel_spec
-        crops = photo_crops(args.photos, 2 * spec.resize, args.images)
+        for factor in (1, 2):
+            target = factor * spec.resize
+            crops, used = photo_crops(args.photos, 2 * target, args.images)
+            if not crops:
+                print(f"{name}, draft to {factor}x resize: no photo has both sides >= {2 * target}")
+                continue
 
-        def embed(draft_to):
-            px = torch.stack([torch.from_numpy(to_uint8(open_rgb(c, draft_to)[0], spec)) for c in crops])
-            return clip.embed_images(px)
+            def embed(draft_to, crops=crops):
+                px = torch.stack([torch.from_numpy(to_uint8(open_rgb(c, draft_to)[0], spec)) for c in crops])
+                return clip.embed_images(px)
 
-        full, reduced = embed(None), embed(spec.resize)
-        cos = (full * reduced).sum(1)
-        t_full = min(timed(len(crops), lambda: [open_rgb(c) for c in crops]) for _ in range(3))
-        t_draft = min(timed(len(crops), lambda: [open_rgb(c, spec.resize) for c in crops]) for _ in range(3))
-        print(f"{name}: {len(crops)} crops of {len(args.photos)} photos (sides >= {2 * spec.resize}): "
-              f"cosine min {cos.min():.4f} median {np.median(cos):.4f}; "
-              f"decode {t_full:.0f} -> {t_draft:.0f} images/s ({t_draft / t_full:.2f}x)")
+            cos = (embed(None) * embed(target)).sum(1)
+            t_full = min(timed(len(crops), lambda: [open_rgb(c) for c in crops]) for _ in range(3))
+            t_draft = min(timed(len(crops), lambda: [open_rgb(c, target) for c in crops]) for _ in range(3))
+            print(f"{name}, draft to {factor}x resize ({target}px): {len(crops)} crops of {used} photos (sides >= "
+                  f"{2 * target}): cosine min {cos.min():.4f} median {np.median(cos):.4f}; "
+                  f"decode {t_full:.0f} -> {t_draft:.0f} images/s ({t_draft / t_full:.2f}x)", flush=True)
 
 
 def precision(args) -> None:

@@ -22,7 +22,7 @@ class DecodeSpecs:
 
     clip: PixelSpec | Callable
     label: PixelSpec | Callable | None = None
-    draft: bool = True  # reduced-scale JPEG decode for images at least twice the largest resize
+    draft: bool = False  # reduced-scale JPEG decode for images at least twice the largest resize
 
     @property
     def draft_to(self) -> int | None:

@@ -47,7 +47,7 @@ class ComputeSpec(_Strict):
     threads: int | None = Field(None, ge=1)  # torch threads; None: the CPUs the worker holds (Ray's share)
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # where images are decoded (gpu: issue 19's decoder)
     decode_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"  # CPU decode processes; 0: in the feeding thread
-    jpeg_draft: bool = True  # decode large JPEGs at reduced scale (within cosine 0.99: docs/benchmarks.md)
+    jpeg_draft: bool = False  # decode JPEGs >= 2x the input at reduced scale (agreement: docs/benchmarks.md)
 
 
 class RaySpec(_Strict):
