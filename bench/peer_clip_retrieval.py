@@ -5,12 +5,13 @@
 Both tools embed images and captions of the same img2dataset-like shards (256-px JPEGs, captions of
 realistic length; bench/common.py) with the same random-init open_clip ViT-B-32 loaded from a local
 safetensors file, batch 64, no labels, no index. Each is started as a user starts it, in a fresh process,
-and timed wall clock from start to exit; rounds alternate which tool goes first (A B, B A, …). Printed:
+and timed wall clock from start to exit; rounds alternate which tool goes first (A B, B A, …), and
+shardlight's private Prefect database is created before the first round, untimed. Printed:
 images/s of each (median and range over rounds), each tool's own in-loop rate, and shardlight ÷ peer.
 
 clip-retrieval pins numpy<2 and open_clip<3, so it gets its own virtualenv, made with pip from the
-versions in bench/peer_clip_retrieval.txt: under a temporary folder by default (about 6.4 GB and a few
-minutes), or once in --peer-venv DIR and reused from there.
+versions in bench/peer_clip_retrieval.txt: under a temporary folder by default (about 6.4 GB and
+several minutes), or once in --peer-venv DIR and reused from there.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from bench.common import (
     bench_env,
     machine,
     median_spread,
+    prime_prefect,
     run_shardlight,
     worker_line,
     write_photo_shards,
@@ -56,7 +58,7 @@ def ensure_peer_venv(venv: Path) -> Path:
         if not (venv / "pyvenv.cfg").is_file():
             raise BenchError(f"--peer-venv {venv} exists and is not a virtualenv")
         shutil.rmtree(venv)
-    print(f"installing {PEER} into {venv} (a few minutes, ~6.4 GB)", flush=True)
+    print(f"installing {PEER} into {venv} (several minutes, ~6.4 GB)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     done = subprocess.run([*pip, "-c", str(CONSTRAINTS), *PEER_INSTALL], capture_output=True, text=True)
@@ -148,6 +150,7 @@ def main() -> None:
         weights = write_random_clip(args.model, tmp / f"{args.model}-random.safetensors")
         work = Workload(tmp, shards, weights, write_run_config(tmp / "run.yaml", args.model, weights, args.batch_size),
                         peer, bench_env(tmp))
+        prime_prefect(work.env)
         results = {tool: {"wall": [], "loop": []} for tool in ("shardlight", "clip-retrieval")}
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
