@@ -75,6 +75,7 @@ def run(
 def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
     from flows.pipeline import pipeline
+    from shardlight.core.space import check_space
     from shardlight.core.storage import list_shards
     from shardlight.models.weights import check_augment_files, check_weight_files
 
@@ -84,6 +85,7 @@ def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     list_shards(cfg.input)  # fail fast on a missing input or weights file, before any service starts
     check_weight_files(cfg.clip, cfg.labels)
     check_augment_files(cfg.augment)
+    check_space(cfg.output, cfg.clip, cfg.labels)
     summary = pipeline(cfg.model_dump(), wait_s=wait_s)
     _print_summary(summary)
     return summary
@@ -121,8 +123,9 @@ def index(
 ) -> None:
     """Rebuild the FAISS index from the Parquet files (OUT/embeddings, and OUT/augmented unless --no-synthetic)."""
     from index.build import build_index
+    from shardlight.core.space import recorded_clip
 
-    meta = build_index(out, factory, synthetic=synthetic)
+    meta = build_index(out, factory, synthetic=synthetic, model=recorded_clip(out))
     generated = "" if synthetic else " (input rows only)"
     console.print(f"index: {meta['count']} vectors{generated}, {meta['factory']}, built in {meta['build_seconds']}s")
 

@@ -10,7 +10,6 @@ among the vectors the index visits, instead of whatever survives from an unfilte
 from __future__ import annotations
 
 import io
-import json
 import threading
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -26,8 +25,8 @@ from PIL import Image
 from index.store import load_index
 from shardlight.core.config import ClipSpec
 from shardlight.core.errors import IndexStateError, InputError, first_line
-from shardlight.core.layout import run_record_path
-from shardlight.core.storage import exists, join, open_read, read_bytes
+from shardlight.core.space import recorded_clip
+from shardlight.core.storage import join, open_read
 
 RESULT_COLUMNS = ["key", "caption", "label", "label_prob", "url", "clip_score"]
 
@@ -60,7 +59,8 @@ def _columns_of(shard_url: str) -> list[str]:
 
 
 class Searcher:
-    """Loads OUT's index once; embeds queries with the CLIP model recorded in OUT/run.json."""
+    """Loads OUT's index once; embeds queries with the CLIP model that built it (index/meta.json; else
+    OUT/models.json or run.json for an index built without one), never with a later run's config."""
 
     def __init__(self, out: str | Path, device: str = "cpu"):
         self.out = str(out)
@@ -95,10 +95,11 @@ class Searcher:
 
                 from shardlight.models.clip import ClipEmbedder
 
-                record = run_record_path(self.out)
-                if not exists(record):
-                    raise IndexStateError(f"{record} is missing: cannot tell which CLIP model embedded this index")
-                spec = ClipSpec(**json.loads(read_bytes(record))["config"]["clip"])
+                spec = self.meta.get("model") or recorded_clip(self.out)
+                if not spec:
+                    raise IndexStateError(f"neither {self.out}/index/meta.json nor {self.out}/models.json names "
+                                          "the CLIP model that embedded this index")
+                spec = ClipSpec(**spec)
                 self._clip = ClipEmbedder(spec, torch.device(self._device))
             return self._clip
 
