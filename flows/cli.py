@@ -76,13 +76,14 @@ def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
     from flows.pipeline import pipeline
     from shardlight.core.space import check_space
-    from shardlight.core.storage import list_shards
+    from shardlight.core.storage import check_output, list_shards
     from shardlight.models.weights import check_augment_files, check_weight_files
 
     _setup_logging()
     if not cfg.input or not cfg.output:
         raise ShardlightError("the config needs both `input` and `output` (or --input/--out)")
-    list_shards(cfg.input)  # fail fast on a missing input or weights file, before any service starts
+    check_output(cfg.output)  # fail fast on a wrong input, output or weights file, before any service starts
+    list_shards(cfg.input)
     check_weight_files(cfg.clip, cfg.labels)
     check_augment_files(cfg.augment)
     check_space(cfg.output, cfg.clip, cfg.labels)
@@ -219,7 +220,9 @@ def deploy(
     from flows.deploy import deploy as register
 
     cfg = with_ray_address(load_config(config, input=input, output=out), ray_address)
-    full = register(cfg, name, cron, pool)
+    full, resolved = register(cfg, name, cron, pool)
+    for change in resolved:
+        console.print(f"stored as an absolute path (scheduled runs start elsewhere): {change}")
     console.print(f"deployment {full} registered{f' on {cron!r}' if cron else ''} in work pool {pool!r}\n"
                   f"run the scheduled runs with: shardlight worker --pool {pool}\n"
                   f"trigger one now with:       prefect deployment run '{full}'")
