@@ -74,6 +74,7 @@ def run(
 
 def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
+    from flows.interrupt import stop_cleanly_on_interrupt
     from flows.pipeline import pipeline
     from shardlight.core.space import check_space
     from shardlight.core.storage import check_output, list_shards
@@ -87,7 +88,8 @@ def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     check_weight_files(cfg.clip, cfg.labels)
     check_augment_files(cfg.augment)
     check_space(cfg.output, cfg.clip, cfg.labels)
-    summary = pipeline(cfg.model_dump(), wait_s=wait_s)
+    with stop_cleanly_on_interrupt(cfg.output):
+        summary = pipeline(cfg.model_dump(), wait_s=wait_s)
     _print_summary(summary)
     return summary
 
@@ -279,7 +281,7 @@ def main() -> None:
         err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted: run the same command again to resume where it stopped")
+        err_console.print("interrupted; run the same command to resume")
         sys.exit(130)
     except Exception as err:  # a bug or an outage, not a user error: keep it to one line unless asked
         if os.environ.get("SHARDLIGHT_DEBUG"):
