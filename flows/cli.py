@@ -28,6 +28,13 @@ err_console = Console(stderr=True)
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 DEMO_QUERIES = ("a red circle", "a blue square", "a green triangle", "a yellow star")
+_fast_exit = False  # set by commands with nothing to drain at exit (no Prefect): see main()
+
+
+def _exit_without_finalizing() -> None:
+    """Let main() end this command with os._exit after flushing (see its docstring for why)."""
+    global _fast_exit
+    _fast_exit = True
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -126,6 +133,8 @@ def index(
 ) -> None:
     """Rebuild the FAISS index from the Parquet files (OUT/embeddings, and OUT/augmented unless --no-synthetic)."""
     from index.build import build_index
+
+    _exit_without_finalizing()
     from shardlight.core.space import recorded_clip
 
     meta = build_index(out, factory, synthetic=synthetic, model=recorded_clip(out))
@@ -147,6 +156,8 @@ def query(
 ) -> None:
     """Nearest samples to a text, an image or an existing key."""
     from index.search import Searcher
+
+    _exit_without_finalizing()
 
     hits = Searcher(out).search(text=text, image=image, key=key, k=k, label=label, synthetic=synthetic)
     if as_json:
@@ -273,22 +284,44 @@ def demo(
 app.registered_commands += index_app.registered_commands
 
 
-def main() -> None:
-    """Console entry point: expected failures print one line, not a traceback."""
+def _run_app() -> int:
+    """Run the command; expected failures print one line, not a traceback. Returns the exit status."""
     try:
         app()
+    except SystemExit as done:  # typer ends every command this way
+        if done.code is None or isinstance(done.code, int):
+            return done.code or 0
+        err_console.print(str(done.code), highlight=False, soft_wrap=True)
+        return 1
     except ShardlightError as err:
         err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         err_console.print("interrupted; run the same command to resume")
-        sys.exit(130)
+        return 130
     except Exception as err:  # a bug or an outage, not a user error: keep it to one line unless asked
         if os.environ.get("SHARDLIGHT_DEBUG"):
             raise
         err_console.print(f"[red]unexpected error:[/] {first_line(err)} "
                           "(set SHARDLIGHT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def main() -> None:
+    """Console entry point. Commands that never start Prefect (query, index, …) end with `os._exit` once
+    their output is flushed: on a loaded machine, pyarrow's and torch's native worker threads could still be
+    unwinding while the interpreter finalises, and the C++ runtime then aborted the process ("terminate
+    called without an active exception", signal 6) after it had printed a correct answer."""
+    code = _run_app()
+    if _fast_exit:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (`| head`): nothing more to deliver
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
