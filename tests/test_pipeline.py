@@ -11,6 +11,7 @@ from index.build import load_index
 from index.search import Searcher
 from shardlight.core.config import CONFIG_DIR, load_config
 from shardlight.core.storage import list_shards
+from tests.conftest import DAMAGED_DROPPED, DAMAGED_KEYS, tar_keys
 from workers.reader import ShardReader
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -34,17 +35,14 @@ def test_one_parquet_per_shard_and_counts_reconcile(first_run):
     cfg, summary = first_run
     out = cfg.output
     assert summary["shards"] == 4 and summary["processed"] == 4 and not summary["failed"]
-    total_rows, total_dropped = 0, 0
     for shard in ("00000", "00001", "00002", "00003"):
         rows = pq.read_table(f"{out}/embeddings/{shard}.parquet").num_rows
-        errors = pq.read_table(f"{out}/errors/{shard}.parquet").to_pylist()
-        total_rows += rows
-        total_dropped += sum(e["dropped"] for e in errors)
-    assert total_rows == summary["rows"]
-    assert total_rows + total_dropped == summary["samples_read"]
-    # samples read = what an independent reader of the same shards sees
-    independent = sum(len(list(ShardReader(s))) for s in list_shards(cfg.input))
-    assert summary["samples_read"] == independent
+        dropped = sum(e["dropped"] for e in pq.read_table(f"{out}/errors/{shard}.parquet").to_pylist())
+        read = len(tar_keys(f"{cfg.input}/{shard}.tar"))  # tarfile's count, not the pipeline's reader
+        assert (read, dropped) == (DAMAGED_KEYS[shard], DAMAGED_DROPPED[shard]), shard
+        assert rows + dropped == read, shard
+    assert summary["samples_read"] == sum(DAMAGED_KEYS.values()) == 18
+    assert summary["rows"] == 18 - sum(DAMAGED_DROPPED.values()) == 16
 
 
 def test_damage_is_recorded(first_run):
@@ -55,6 +53,8 @@ def test_damage_is_recorded(first_run):
     assert "b0001" not in rows and rows["b0002"]["caption"] is None and rows["b0002"]["text_embedding"] is None
     assert summary["shard_problems"]["00002"] == "empty shard (no tar members)"
     assert summary["shard_problems"]["00003"].startswith("truncated shard")
+    cut = pq.read_table(f"{cfg.output}/errors/00003.parquet").to_pylist()
+    assert [(e["key"], e["stage"], e["dropped"]) for e in cut] == [("c0005", "read", True), (None, "shard", False)]
 
 
 def test_index_and_run_record(first_run):

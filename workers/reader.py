@@ -2,7 +2,9 @@
 
 Every problem becomes a record instead of an exception: a sample that cannot be used yields a
 `SampleError`, and a shard that is empty or truncated sets `ShardReader.problem` while every sample
-read before the damage is still yielded. Nothing is dropped without a record.
+read before the damage is still yielded. A sample whose member header survived a truncation but whose
+data did not is yielded as a `SampleError` naming it, so every key a tar listing shows is accounted
+for. Nothing is dropped without a record.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from PIL import Image
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from shardlight.core.errors import first_line
 from shardlight.core.schema import IMAGE_EXTS, SampleError
@@ -49,6 +51,7 @@ class ShardReader:
     url: str
     problem: str | None = None  # shard-level damage (empty, truncated, unreadable)
     members: int = 0
+    cut_off: str | None = None  # the member whose header was read but whose data the truncation cut
     _offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
@@ -63,7 +66,9 @@ class ShardReader:
                 for info in tar:
                     if not info.isreg():
                         continue
+                    self.cut_off = info.name  # until its data has been read in full
                     data = tar.extractfile(info).read()
+                    self.cut_off = None
                     self.members += 1
                     if seekable:
                         self._offsets[info.name] = (info.offset_data, info.size)
@@ -82,8 +87,14 @@ class ShardReader:
                 self.problem = f"truncated shard after {self.members} members: {first_line(err)}"
 
     def __iter__(self) -> Iterator[RawSample | SampleError]:
+        last_key = None
         for sample in group_by_keys(self._members()):
+            last_key = sample["__key__"]
             yield self._to_raw(sample)
+        cut_key = (base_plus_ext(self.cut_off) or (None,))[0] if self.cut_off else None
+        if cut_key and cut_key != last_key:  # members of it already read were yielded with that sample
+            yield SampleError(cut_key.rsplit("/", 1)[-1], self.name, "read",
+                              f"cut off by the truncation: member {self.cut_off} is incomplete")
 
     def _to_raw(self, sample: dict) -> RawSample | SampleError:
         key = sample["__key__"].rsplit("/", 1)[-1]
