@@ -1,10 +1,12 @@
 """The real thing: the Prefect flow on a local Ray (2 CPUs) over tiny shards with planted damage."""
 
 import json
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import requests
 
 from flows.pipeline import pipeline
 from index.build import load_index
@@ -77,10 +79,52 @@ def test_query_with_a_samples_own_image_returns_it_first(first_run):
         assert hits[0].key == raw.key
 
 
+def json_labels(input_dir) -> dict[str, str]:
+    """Ground truth: each input sample's label from its own json member, read with tarfile alone."""
+    labels = {}
+    for tar_path in sorted(Path(input_dir).glob("*.tar")):
+        try:
+            with tarfile.open(tar_path, "r|*") as tar:
+                for info in tar:
+                    if info.name.endswith(".json"):
+                        meta = json.loads(tar.extractfile(info).read())
+                        if "label" in meta:
+                            labels[info.name.rsplit(".", 1)[0]] = meta["label"]
+        except (tarfile.TarError, OSError):
+            pass  # the empty and the truncated shard: what was read is enough
+    return labels
+
+
+@pytest.mark.timeout(300)
+def test_text_query_finds_the_red_circles_via_searcher_and_http(first_run):
+    """Through the pipeline (configs/demo.yaml): "a red circle" ranks exactly the input rows whose own json
+    says red circle first, in Python and over HTTP."""
+    from index.service.http_common import ServerSettings
+    from index.service.server import create_app
+    from tests.index_helpers import running_server
+
+    cfg, _ = first_run
+    truth = json_labels(cfg.input)
+    indexed = set(pq.read_table(f"{cfg.output}/embeddings").column("key").to_pylist())
+    red_circles = sorted(k for k, label in truth.items() if label == "red circle" and k in indexed)
+    assert len(red_circles) == 3  # 000000003, b0000 and c0000 (label ids cycle through the 24 classes)
+    searcher = Searcher(cfg.output)
+    hits = searcher.search(text="a red circle", k=3, synthetic=False)
+    assert sorted(h.key for h in hits) == red_circles
+    with running_server(create_app(cfg.output, ServerSettings(), searcher, warm=False)) as url:
+        r = requests.get(f"{url}/search", params={"text": "a red circle", "k": 3, "synthetic": "false"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert sorted(h["key"] for h in r.json()["results"]) == red_circles
+
+
 def test_second_run_does_no_work(first_run):
     cfg, first = first_run
+    assert not list(Path(cfg.output).rglob(".*.tmp"))  # every write of the first run was renamed
     before = {p: p.stat().st_mtime_ns for p in Path(cfg.output).rglob("*.parquet")}
+    stale = Path(cfg.output) / "embeddings" / ".00001.parquet.0badf00d.tmp"  # as a killed write leaves it
+    stale.write_bytes(b"half a parquet file")
     again = pipeline(cfg.model_dump())
+    assert not stale.exists() and not list(Path(cfg.output).rglob(".*.tmp"))
     assert again["processed"] == 0 and again["skipped"] == 4 and again["augment"]["processed"] == 0
     assert again["rows"] == first["rows"] and again["index"]["update"] == "unchanged"
     after = {p: p.stat().st_mtime_ns for p in Path(cfg.output).rglob("*.parquet")}
