@@ -15,10 +15,16 @@ from shardlight.core.layout import STATS_KEY, run_record_path  # noqa: E402
 from shardlight.core.schema import Row, rows_table, write_table  # noqa: E402
 
 
-def clustered(n: int, dim: int = 32, clusters: int = 20, spread: float = 0.25, seed: int = 0) -> np.ndarray:
-    """Unit vectors around random cluster centres: the shape of real embedding sets."""
+def clustered(n: int, dim: int = 32, clusters: int = 20, spread: float = 0.25, seed: int = 0,
+              fresh: int | None = None) -> np.ndarray:
+    """Unit vectors around random cluster centres: the shape of real embedding sets.
+
+    `fresh`: new points around the same centres as `seed`'s (queries from the data's distribution).
+    """
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    if fresh is not None:
+        rng = np.random.default_rng([seed, fresh])
     x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
