@@ -14,7 +14,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import io  # noqa: E402
 import random  # noqa: E402
-import socket  # noqa: E402
 import tarfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -92,12 +91,6 @@ def tar_keys(path: str | Path) -> list[str]:
 @pytest.fixture
 def damaged_shards(tmp_path: Path) -> dict:
     return write_damaged_shards(tmp_path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

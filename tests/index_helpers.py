@@ -74,24 +74,24 @@ def make_real_run(root: Path, shards: int = 2, samples_per_shard: int = 24) -> P
 
 @contextlib.contextmanager
 def running_server(app, timeout: float = 30.0):
-    """Run `app` on a free loopback port with the real uvicorn server; yields its base URL."""
-    import socket
+    """Run `app` with the real uvicorn server on loopback; yields its base URL.
+
+    The server binds port 0 and the URL names the port it got: no probe-then-reuse race with other processes.
+    """
     import threading
     import time
 
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
