@@ -173,7 +173,7 @@ def test_a_rewritten_shard_forces_a_rebuild(tmp_path):
 
 # --- filters --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW16", "PCA16,IVF8,SQ8"])
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW16", "PCA16,IVF8,SQ8", "IVF8,PQ8x4fs,RFlat"])
 def test_label_and_synthetic_filters_run_inside_the_index(tmp_path, factory):
     n = 1000
     labels = ["rare" if i % 100 == 0 else "common" for i in range(n)]
