@@ -151,32 +151,69 @@ def noisy(name: str, result: dict) -> list[str]:
     return [message]
 
 
-def bench_size(n: int, args) -> dict:
+def train_size(factory: str, args, total: int | None = None) -> int:
+    """`--train-sample`, raised to the 39 points per IVF list that `auto` trains with (so an explicit
+    `IVF…` string trains like the auto choice it stands for)."""
+    if factory == "auto" or "IVF" not in factory:
+        return args.train_sample
+    nlist = faiss.extract_index_ivf(new_index(args.dim, factory)).nlist
+    return min(total or nlist * 39, max(args.train_sample, nlist * 39))
+
+
+def build(work: Path, factory: str, args) -> tuple[faiss.Index, dict]:
+    """`build_index` over WORK's embeddings into its own OUT (the Parquet files shared by a link)."""
+    out = work / f"out-{factory.replace(',', '_')}"
+    out.mkdir()
+    (out / "embeddings").symlink_to(work / "embeddings", target_is_directory=True)
+    meta = build_index(str(out), factory, train_sample=train_size(factory, args), recall_target=args.recall_target,
+                       memory_budget=args.memory_budget)
+    index, _, _ = load_index(str(out))
+    row = {"factory": meta["factory"], "requested": factory, "reason": meta["choice"]["reason"],
+           "tuned": {"params": meta["tuning"].get("params"), "recall_at_10_held_out": meta["tuning"]["recall_at_k"]},
+           "build_s": meta["build_seconds"], "timings": meta["timings"], "index_mib": round(index_bytes(str(out)) / 2**20, 1)}
+    return index, row
+
+
+def setter(index: faiss.Index, params: dict):
+    return lambda: [set_search_parameter(index, k, v) for k, v in params.items()]
+
+
+def bench_size(n: int, args) -> list[dict]:
+    """One row per `--factory` (each at its tuned parameters) and one curve per candidate, every index and grid
+    point timed in the same interleaved rounds as Flat (so Flat's long search is paid once per round)."""
     data = Clustered(args.dim, max(1, n // args.points_per_cluster), args.spread_dims, args.noise)
     work = Path(tempfile.mkdtemp(prefix=f"index-bench-{n}-", dir=args.workdir))
     try:
         write_embeddings(work, data, n)
-        meta = build_index(str(work), args.factory, recall_target=args.recall_target, memory_budget=args.memory_budget)
-        index, _, _ = load_index(str(work))
+        built = [build(work, f, args) for f in args.factory]
         flat, flat_build = exact_flat(str(work), args.dim)
+        curves = [(f, index, row["build_s"]) for f, (index, row) in zip(args.factory, built)
+                  if args.curves and row["tuned"]["params"]]
+        curves += [(c, *build_candidate(c, flat, args)) for c in args.candidates]
         queries = data.draw(args.queries, seed=999_999)
-        row = {"n": n, "dim": args.dim, "factory": meta["factory"], "reason": meta["choice"]["reason"],
-               "tuned": {"params": meta["tuning"].get("params"),
-                         "recall_at_10_held_out": meta["tuning"]["recall_at_k"]},
-               "build_s": meta["build_seconds"], "timings": meta["timings"], "flat_build_s": round(flat_build, 2),
-               "index_mib": round(index_bytes(str(work)) / 2**20, 1), "flat_mib": round(n * args.dim * 4 / 2**20, 1),
-               "rounds": args.rounds, "load_before": load_average()}
-        timed = interleaved({"flat": (lambda: None, flat), "auto": (lambda: None, index)}, queries, args.rounds)
-        row.update(load_after=load_average(), recall_at_10=round(recall_at_k(timed["auto"]["ids"], timed["flat"]["ids"]), 4),
-                   qps=timed["auto"]["qps"], flat_qps=timed["flat"]["qps"],
-                   speedup=round(timed["auto"]["qps"] / timed["flat"]["qps"], 1),
-                   spread=timed["auto"]["spread"], flat_spread=timed["flat"]["spread"],
-                   warnings=noisy("flat", timed["flat"]) + noisy("auto", timed["auto"]),
-                   latency_ms=latency_ms(index, queries[:100]), flat_latency_ms=latency_ms(flat, queries[:10]))
-        print(json.dumps(row), flush=True)
-        del index
-        row["candidates"] = [candidate_curve(f, flat, queries, timed["flat"]["ids"], args) for f in args.candidates]
-        return row
+        searches = {"flat": (lambda: None, flat)}
+        searches |= {f: (setter(index, row["tuned"]["params"] or {}), index) for f, (index, row) in zip(args.factory, built)}
+        grids = {label: grid(index, label, args) for label, index, _ in curves}
+        searches |= {f"{label} {json.dumps(p)}": (setter(index, p), index)
+                     for label, index, _ in curves for p in grids[label]}
+        before = load_average()
+        timed = interleaved(searches, queries, args.rounds)
+        after, fl = load_average(), timed["flat"]
+        rows = []
+        for f, (index, row) in zip(args.factory, built):
+            t = timed[f]
+            searches[f][0]()
+            row.update(n=n, dim=args.dim, rounds=args.rounds, load_before=before, load_after=after,
+                       flat_build_s=round(flat_build, 2), flat_mib=round(n * args.dim * 4 / 2**20, 1),
+                       recall_at_10=round(recall_at_k(t["ids"], fl["ids"]), 4), qps=t["qps"], flat_qps=fl["qps"],
+                       speedup=round(t["qps"] / fl["qps"], 1), spread=t["spread"], flat_spread=fl["spread"],
+                       seconds=t["seconds"], flat_seconds=fl["seconds"],
+                       warnings=noisy("flat", fl) + noisy(f, t), latency_ms=latency_ms(index, queries[:100]),
+                       flat_latency_ms=latency_ms(flat, queries[:10]))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        rows[-1]["candidates"] = [curve(label, build_s, grids[label], timed, args) for label, _, build_s in curves]
+        return rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -194,41 +231,36 @@ def grid(index: faiss.Index, factory: str, args) -> list[dict]:
 
 
 def build_candidate(factory: str, flat: faiss.IndexFlat, args) -> tuple[faiss.Index, float]:
+    """`factory` trained on a sample of Flat's vectors and filled with all of them, in memory."""
     vectors = flat_vectors(flat)
     start = time.perf_counter()
     index = new_index(flat.d, factory)
-    ivf = faiss.extract_index_ivf(index) if "IVF" in factory else None
-    wanted = min(flat.ntotal, max(args.train_sample, ivf.nlist * 39 if ivf is not None else 0))
+    wanted = train_size(factory, args, flat.ntotal)
     rng = np.random.default_rng(0)
     train(index, vectors[np.sort(rng.choice(flat.ntotal, wanted, replace=False))])
     for s in range(0, flat.ntotal, 65_536):
         index.add(vectors[s:s + 65_536])
+    print(f"built {factory} in {time.perf_counter() - start:.0f} s", flush=True)
     return index, time.perf_counter() - start
 
 
-def candidate_curve(factory: str, flat: faiss.IndexFlat, queries: np.ndarray, truth: np.ndarray, args) -> dict:
-    """Recall@10 and queries/s of `factory` at each grid point, interleaved with Flat in the same rounds."""
-    index, build_s = build_candidate(factory, flat, args)
-    settings = grid(index, factory, args)
-
-    def setter(params):
-        return lambda: [set_search_parameter(index, k, v) for k, v in params.items()]
-    searches = {"flat": (lambda: None, flat)} | {json.dumps(p): (setter(p), index) for p in settings}
-    before = load_average()
-    timed = interleaved(searches, queries, args.rounds)
-    flat_qps = timed["flat"]["qps"]
-    points = [{**p, "recall_at_10": round(recall_at_k(timed[json.dumps(p)]["ids"], truth), 4),
-               "qps": timed[json.dumps(p)]["qps"], "speedup": round(timed[json.dumps(p)]["qps"] / flat_qps, 1),
-               "spread": timed[json.dumps(p)]["spread"]} for p in settings]
-    result = {"factory": factory, "build_s": round(build_s, 1), "flat_qps": flat_qps, "flat_spread": timed["flat"]["spread"],
-              "load_before": before, "load_after": load_average(), "points": points,
-              "warnings": [w for name, t in timed.items() for w in noisy(f"{factory} {name}", t)]}
+def curve(label: str, build_s: float, settings: list[dict], timed: dict, args) -> dict:
+    """Recall@10, queries/s and speed-up over Flat (same rounds) of one index at each of its grid points."""
+    fl = timed["flat"]
+    points = []
+    for p in settings:
+        t = timed[f"{label} {json.dumps(p)}"]
+        points.append({**p, "recall_at_10": round(recall_at_k(t["ids"], fl["ids"]), 4), "qps": t["qps"],
+                       "speedup": round(t["qps"] / fl["qps"], 1), "spread": t["spread"]})
+    result = {"factory": label, "build_s": round(build_s, 1), "flat_qps": fl["qps"], "flat_spread": fl["spread"],
+              "points": points, "warnings": [w for p in settings for w in noisy(f"{label} {json.dumps(p)}",
+                                                                                  timed[f"{label} {json.dumps(p)}"])]}
     print(json.dumps(result), flush=True)
     return result
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| vectors | auto index (tuned) | build s (Flat) | index MiB (Flat) | recall@10 | queries/s (Flat) "
+    head = ("| vectors | index (tuned) | build s (Flat) | index MiB (Flat) | recall@10 | queries/s (Flat) "
             "| speed-up | spread (Flat) | load avg before → after | 1-query ms (Flat) |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
@@ -242,7 +274,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         for c in r.get("candidates", []):
             lines.append(f"\n`{c['factory']}` at {r['n']:,} (built in {c['build_s']:.0f} s; Flat {c['flat_qps']:,.0f} "
-                         f"queries/s, load {c['load_before'][0]} → {c['load_after'][0]}):\n")
+                         f"queries/s in the same rounds, load {r['load_before'][0]} → {r['load_after'][0]}):\n")
             lines.append("| parameters | recall@10 | queries/s | speed-up | spread |\n|---|---|---|---|---|")
             for p in c["points"]:
                 params = ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("recall_at_10", "qps", "speedup", "spread"))
@@ -254,12 +286,15 @@ def markdown(rows: list[dict]) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--factory", default="auto", help="the index built through build_index (default: auto)")
+    parser.add_argument("--factory", nargs="+", default=["auto"],
+                        help="indexes built through build_index and timed against Flat in the same rounds")
     parser.add_argument("--candidates", nargs="*", default=[], help="FAISS factory strings whose curves to measure")
+    parser.add_argument("--curves", action="store_true", help="also measure the --factory indexes' curves")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--k-factor", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--train-sample", type=int, default=100_000, help="training vectors for candidates")
+    parser.add_argument("--train-sample", type=int, default=100_000,
+                        help="training vectors (auto raises it to 39 per IVF list; candidates too)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement")
     parser.add_argument("--threads", type=int, default=2, help="OpenMP threads FAISS searches with")
     parser.add_argument("--dim", type=int, default=512)
@@ -281,7 +316,7 @@ def main() -> None:
                "faiss": faiss.__version__, "omp_threads": faiss.omp_get_max_threads()}
     rows = []
     for n in args.sizes:
-        rows.append(bench_size(n, args))
+        rows.extend(bench_size(n, args))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nmachine: {machine}; peak RSS {peak:.0f} MiB\n")
     print(markdown(rows))

@@ -32,10 +32,14 @@ def test_small_sets_get_exact_flat():
     assert choose_index(10_000, 512, 1 << 30).factory == "Flat"
 
 
-def test_medium_sets_get_ivf_flat_when_memory_allows():
+def test_medium_sets_get_fast_scan_with_exact_rerank_when_the_vectors_fit():
     plan = choose_index(1_000_000, 512, 16 << 30)
-    assert plan.factory == "IVF4096,Flat" and plan.tune == "nprobe"
-    assert plan.bytes_estimate >= 1_000_000 * 512 * 4
+    assert plan.factory == "IVF4096,PQ64x4fs,RFlat" and plan.tune == "nprobe"
+    assert plan.bytes_estimate >= 1_000_000 * (512 * 4 + 32)
+
+
+def test_dimensions_without_an_even_fast_scan_split_get_ivf_flat():
+    assert choose_index(1_000_000, 500, 16 << 30).factory == "IVF4096,Flat"
 
 
 def test_tight_budget_compresses_scalar_first_then_pq():
@@ -87,6 +91,21 @@ def test_build_tunes_nprobe_to_reach_the_recall_target(tmp_path):
     assert faiss.extract_index_ivf(index).nprobe == tuning["value"]  # applied when the index is loaded
     on_disk = json.loads((tmp_path / "index" / "meta.json").read_text())
     assert on_disk["nprobe"] == tuning["value"] and on_disk["count"] == 6000
+
+
+def test_rerank_index_tunes_search_breadth_and_rerank_depth_together(tmp_path):
+    write_shard(tmp_path, "00000", clustered(6000, DIM))
+    meta = build_index(str(tmp_path), "IVF32,PQ8x4fs,RFlat", recall_target=0.95, tune_queries=200)
+    tuning = meta["tuning"]
+    assert tuning["reached"] and tuning["recall_at_k"] >= 0.95
+    assert set(tuning["params"]) == {"nprobe", "k_factor_rf"} and meta["nprobe"] == tuning["params"]["nprobe"]
+    hits = [c for c in tuning["curve"] if c["recall_at_k"] >= 0.95]
+    assert tuning["qps"] == max(c["qps"] for c in hits)  # the fastest setting that reaches the target
+    index, _, _ = load_index(str(tmp_path))
+    assert faiss.extract_index_ivf(index).nprobe == tuning["params"]["nprobe"]
+    assert faiss.downcast_index(index).k_factor == tuning["params"]["k_factor_rf"]
+    s = Searcher(str(tmp_path))
+    assert np.allclose(s.vector_of_id(7), clustered(6000, DIM)[7])  # re-rank vectors are exact
 
 
 def test_auto_with_a_tight_budget_builds_sq8_and_still_reaches_the_target(tmp_path):
