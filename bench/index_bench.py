@@ -47,6 +47,7 @@ from index.tune import RERANK, recall_at_k, reranks, set_search_parameter  # noq
 SHARD_ROWS = 100_000
 WIDE_SPREAD = 0.25  # (max − min) / median of the round times above which a figure is flagged as noisy
 K = 10
+MEASURES = ("recall_at_10", "qps", "speedup", "spread", "cpu_speedup")  # a curve point's keys that are not parameters
 
 
 class Clustered:
@@ -98,20 +99,23 @@ def interleaved(searches: dict, queries: np.ndarray, rounds: int) -> dict:
     """Time each `searches[name]()` (a setup, then a batch search of `queries`) once per round, rotating the
     order; {name: {"qps", "spread", "seconds", "ids"}} with queries/s from the median round."""
     times: dict[str, list[float]] = {name: [] for name in searches}
+    cpu: dict[str, list[float]] = {name: [] for name in searches}
     ids = {}
     names = list(searches)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             setup, index = searches[name]
             setup()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             _, ids[name] = index.search(queries, K)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     out = {}
     for name, t in times.items():
         median = float(np.median(t))
         out[name] = {"qps": round(len(queries) / median, 1), "spread": round((max(t) - min(t)) / median, 3),
-                     "seconds": [round(s, 4) for s in t], "ids": ids[name]}
+                     "seconds": [round(s, 4) for s in t], "ids": ids[name],
+                     "cpu_qps": round(len(queries) / max(float(np.median(cpu[name])), 1e-9), 1)}
     return out
 
 
@@ -179,43 +183,51 @@ def setter(index: faiss.Index, params: dict):
 
 
 def bench_size(n: int, args) -> list[dict]:
-    """One row per `--factory` (each at its tuned parameters) and one curve per candidate, every index and grid
-    point timed in the same interleaved rounds as Flat (so Flat's long search is paid once per round)."""
+    """Build every `--factory` (through build_index) and `--candidates` index once, then time them against
+    Flat at each `--threads` count."""
     data = Clustered(args.dim, max(1, n // args.points_per_cluster), args.spread_dims, args.noise)
     work = Path(tempfile.mkdtemp(prefix=f"index-bench-{n}-", dir=args.workdir))
     try:
+        faiss.omp_set_num_threads(args.build_threads or args.threads[0])
         write_embeddings(work, data, n)
         built = [build(work, f, args) for f in args.factory]
         flat, flat_build = exact_flat(str(work), args.dim)
+        for _, row in built:
+            row.update(n=n, dim=args.dim, flat_build_s=round(flat_build, 2), flat_mib=round(n * args.dim * 4 / 2**20, 1))
         curves = [(f, index, row["build_s"]) for f, (index, row) in zip(args.factory, built)
                   if args.curves and row["tuned"]["params"]]
         curves += [(c, *build_candidate(c, flat, args)) for c in args.candidates]
         queries = data.draw(args.queries, seed=999_999)
-        searches = {"flat": (lambda: None, flat)}
-        searches |= {f: (setter(index, row["tuned"]["params"] or {}), index) for f, (index, row) in zip(args.factory, built)}
-        grids = {label: grid(index, label, args) for label, index, _ in curves}
-        searches |= {f"{label} {json.dumps(p)}": (setter(index, p), index)
-                     for label, index, _ in curves for p in grids[label]}
-        before = load_average()
-        timed = interleaved(searches, queries, args.rounds)
-        after, fl = load_average(), timed["flat"]
-        rows = []
-        for f, (index, row) in zip(args.factory, built):
-            t = timed[f]
-            searches[f][0]()
-            row.update(n=n, dim=args.dim, rounds=args.rounds, load_before=before, load_after=after,
-                       flat_build_s=round(flat_build, 2), flat_mib=round(n * args.dim * 4 / 2**20, 1),
-                       recall_at_10=round(recall_at_k(t["ids"], fl["ids"]), 4), qps=t["qps"], flat_qps=fl["qps"],
-                       speedup=round(t["qps"] / fl["qps"], 1), spread=t["spread"], flat_spread=fl["spread"],
-                       seconds=t["seconds"], flat_seconds=fl["seconds"],
-                       warnings=noisy("flat", fl) + noisy(f, t), latency_ms=latency_ms(index, queries[:100]),
-                       flat_latency_ms=latency_ms(flat, queries[:10]))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-        rows[-1]["candidates"] = [curve(label, build_s, grids[label], timed, args) for label, _, build_s in curves]
-        return rows
+        return [r for threads in args.threads for r in timed_rows(built, curves, flat, queries, threads, args)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def timed_rows(built: list, curves: list, flat: faiss.Index, queries: np.ndarray, threads: int, args) -> list[dict]:
+    """One row per `--factory` (at its tuned parameters) and one curve per curve index, every index and grid
+    point timed in the same interleaved rounds as Flat (so Flat's long search is paid once per round)."""
+    faiss.omp_set_num_threads(threads)
+    searches = {"flat": (lambda: None, flat)}
+    searches |= {f: (setter(index, row["tuned"]["params"] or {}), index) for f, (index, row) in zip(args.factory, built)}
+    grids = {label: grid(index, label, args) for label, index, _ in curves}
+    searches |= {f"{label} {json.dumps(p)}": (setter(index, p), index) for label, index, _ in curves for p in grids[label]}
+    before = load_average()
+    timed = interleaved(searches, queries, args.rounds)
+    after, fl = load_average(), timed["flat"]
+    rows = []
+    for f, (index, row) in zip(args.factory, built):
+        t = timed[f]
+        searches[f][0]()
+        rows.append({**row, "threads": threads, "rounds": args.rounds, "load_before": before, "load_after": after,
+                     "recall_at_10": round(recall_at_k(t["ids"], fl["ids"]), 4), "qps": t["qps"], "flat_qps": fl["qps"],
+                     "speedup": round(t["qps"] / fl["qps"], 1), "spread": t["spread"], "flat_spread": fl["spread"],
+                     "cpu_qps": t["cpu_qps"], "flat_cpu_qps": fl["cpu_qps"],
+                     "cpu_speedup": round(t["cpu_qps"] / fl["cpu_qps"], 1), "seconds": t["seconds"],
+                     "flat_seconds": fl["seconds"], "warnings": noisy("flat", fl) + noisy(f, t),
+                     "latency_ms": latency_ms(index, queries[:100]), "flat_latency_ms": latency_ms(flat, queries[:10])})
+        print(json.dumps(rows[-1]), flush=True)
+    rows[-1]["candidates"] = [curve(label, build_s, grids[label], timed, args) for label, _, build_s in curves]
+    return rows
 
 
 def grid(index: faiss.Index, factory: str, args) -> list[dict]:
@@ -251,8 +263,10 @@ def curve(label: str, build_s: float, settings: list[dict], timed: dict, args) -
     for p in settings:
         t = timed[f"{label} {json.dumps(p)}"]
         points.append({**p, "recall_at_10": round(recall_at_k(t["ids"], fl["ids"]), 4), "qps": t["qps"],
-                       "speedup": round(t["qps"] / fl["qps"], 1), "spread": t["spread"]})
+                       "speedup": round(t["qps"] / fl["qps"], 1), "spread": t["spread"],
+                       "cpu_speedup": round(t["cpu_qps"] / fl["cpu_qps"], 1)})
     result = {"factory": label, "build_s": round(build_s, 1), "flat_qps": fl["qps"], "flat_spread": fl["spread"],
+              "flat_cpu_qps": fl["cpu_qps"],
               "points": points, "warnings": [w for p in settings for w in noisy(f"{label} {json.dumps(p)}",
                                                                                   timed[f"{label} {json.dumps(p)}"])]}
     print(json.dumps(result), flush=True)
@@ -260,25 +274,28 @@ def curve(label: str, build_s: float, settings: list[dict], timed: dict, args) -
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| vectors | index (tuned) | build s (Flat) | index MiB (Flat) | recall@10 | queries/s (Flat) "
-            "| speed-up | spread (Flat) | load avg before → after | 1-query ms (Flat) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| vectors | threads | index (tuned) | build s (Flat) | index MiB (Flat) | recall@10 | queries/s (Flat) "
+            "| speed-up | CPU-time speed-up | spread (Flat) | load avg before → after | 1-query ms (Flat) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         tuned = ", ".join(f"{k}={v}" for k, v in (r["tuned"]["params"] or {}).items()) or "exact"
-        lines.append(f"| {r['n']:,} | `{r['factory']}` ({tuned}) | {r['build_s']:.1f} ({r['flat_build_s']:.1f}) "
+        lines.append(f"| {r['n']:,} | {r['threads']} | `{r['factory']}` ({tuned}) | {r['build_s']:.1f} ({r['flat_build_s']:.1f}) "
                      f"| {r['index_mib']:.0f} ({r['flat_mib']:.0f}) | {r['recall_at_10']:.3f} "
-                     f"| {r['qps']:,.0f} ({r['flat_qps']:,.0f}) | **{r['speedup']:.1f}×** "
+                     f"| {r['qps']:,.0f} ({r['flat_qps']:,.0f}) | **{r['speedup']:.1f}×** | {r['cpu_speedup']:.1f}× "
                      f"| {r['spread']:.0%} ({r['flat_spread']:.0%}) | {r['load_before'][0]} → {r['load_after'][0]} "
                      f"| {r['latency_ms']:.2f} ({r['flat_latency_ms']:.2f}) |")
     for r in rows:
         for c in r.get("candidates", []):
-            lines.append(f"\n`{c['factory']}` at {r['n']:,} (built in {c['build_s']:.0f} s; Flat {c['flat_qps']:,.0f} "
-                         f"queries/s in the same rounds, load {r['load_before'][0]} → {r['load_after'][0]}):\n")
-            lines.append("| parameters | recall@10 | queries/s | speed-up | spread |\n|---|---|---|---|---|")
+            lines.append(f"\n`{c['factory']}` at {r['n']:,}, {r['threads']} thread(s) (built in {c['build_s']:.0f} s; "
+                         f"Flat {c['flat_qps']:,.0f} queries/s in the same rounds, "
+                         f"load {r['load_before'][0]} → {r['load_after'][0]}):\n")
+            lines.append("| parameters | recall@10 | queries/s | speed-up | CPU-time speed-up | spread |\n"
+                         "|---|---|---|---|---|---|")
             for p in c["points"]:
-                params = ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("recall_at_10", "qps", "speedup", "spread"))
+                params = ", ".join(f"{k}={v}" for k, v in p.items() if k not in MEASURES)
                 lines.append(f"| {params or 'exact'} | {p['recall_at_10']:.3f} | {p['qps']:,.0f} | {p['speedup']:.1f}× "
+                             f"| {p['cpu_speedup']:.1f}× "
                              f"| {p['spread']:.0%} |")
     return "\n".join(lines)
 
@@ -296,7 +313,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-sample", type=int, default=100_000,
                         help="training vectors (auto raises it to 39 per IVF list; candidates too)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement")
-    parser.add_argument("--threads", type=int, default=2, help="OpenMP threads FAISS searches with")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="OpenMP threads FAISS searches with "
+                        "(each count timed in its own interleaved rounds)")
+    parser.add_argument("--build-threads", type=int, default=None, help="OpenMP threads for building (default: --threads)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--points-per-cluster", type=int, default=1000, help="mean cluster size of the data")
     parser.add_argument("--spread-dims", type=int, default=16, help="dimensions each cluster spreads over")
@@ -311,9 +330,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    faiss.omp_set_num_threads(args.threads)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "faiss": faiss.__version__, "omp_threads": faiss.omp_get_max_threads()}
+               "faiss": faiss.__version__, "search_threads": args.threads,
+               "build_threads": args.build_threads or args.threads[0]}
     rows = []
     for n in args.sizes:
         rows.extend(bench_size(n, args))

@@ -34,7 +34,7 @@ def test_small_sets_get_exact_flat():
 
 def test_medium_sets_get_fast_scan_with_exact_rerank_when_the_vectors_fit():
     plan = choose_index(1_000_000, 512, 16 << 30)
-    assert plan.factory == "IVF4096,PQ64x4fs,RFlat" and plan.tune == "nprobe"
+    assert plan.factory == "IVF1024,PQ64x4fs,RFlat" and plan.tune == "nprobe"
     assert plan.bytes_estimate >= 1_000_000 * (512 * 4 + 32)
 
 
@@ -58,6 +58,7 @@ def test_very_many_lists_use_an_hnsw_quantizer():
 
 def test_num_lists_is_a_power_of_two_near_4_sqrt_n_with_enough_points():
     assert num_lists(1_000_000) == 4096
+    assert num_lists(1_000_000, per_root=1) == 1024
     assert num_lists(100_000) == 1024
     assert num_lists(1_000) * 39 <= 1_000
     assert FLAT_MAX_CELLS // 512 < 100_000  # 100k × 512-d is served by an approximate index
