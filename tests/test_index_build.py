@@ -53,7 +53,8 @@ def test_tight_budget_compresses_scalar_first_then_pq():
 
 
 def test_very_many_lists_use_an_hnsw_quantizer():
-    assert choose_index(50_000_000, 512, 1 << 40).factory.startswith("IVF32768_HNSW32,")
+    assert choose_index(50_000_000, 500, 1 << 40).factory.startswith("IVF32768_HNSW32,")  # IVF,Flat: 4·√n lists
+    assert choose_index(500_000_000, 512, 1 << 42).factory.startswith("IVF16384_HNSW32,")  # fast scan: √n lists
 
 
 def test_num_lists_is_a_power_of_two_near_4_sqrt_n_with_enough_points():
