@@ -194,8 +194,7 @@ def bench_size(n: int, args) -> list[dict]:
         flat, flat_build = exact_flat(str(work), args.dim)
         for _, row in built:
             row.update(n=n, dim=args.dim, flat_build_s=round(flat_build, 2), flat_mib=round(n * args.dim * 4 / 2**20, 1))
-        curves = [(f, index, row["build_s"]) for f, (index, row) in zip(args.factory, built)
-                  if args.curves and row["tuned"]["params"]]
+        curves = [(row["factory"], index, row["build_s"]) for index, row in built if args.curves and row["tuned"]["params"]]
         curves += [(c, *build_candidate(c, flat, args)) for c in args.candidates]
         queries = data.draw(args.queries, seed=999_999)
         return [r for threads in args.threads for r in timed_rows(built, curves, flat, queries, threads, args)]
