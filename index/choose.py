@@ -8,8 +8,8 @@ OPQ+PQ when memory demands compression) with changes that the measured recall/qu
   no tuning and gives exact answers;
 - above that, when the float vectors fit the memory budget, `IVF…,PQ{d/8}x4fs,RFlat`: inverted lists of
   4-bit fast-scan PQ codes (a SIMD scan over 32 bytes per 512-d vector, not 2 KiB) whose top `k × r`
-  candidates are re-ranked exactly against the stored float vectors, over about √n lists. Batch search over IVF,Flat is
-  memory-bound (every probed vector is 2 KiB read from RAM); the fast-scan codes are 64× smaller and the
+  candidates are re-ranked exactly against the stored float vectors, over about √n lists. Batch search
+  over IVF,Flat is memory-bound (every probed vector is 2 KiB read from RAM); the fast-scan codes are 64× smaller and the
   re-rank touches only `k × r` vectors, so at the same recall it answers several times more queries/s;
 - when they do not fit: 8-bit scalar quantisation (`IVF…,SQ8`: 4× smaller, recall within a point of
   Flat), and only then `OPQ/IVF/PQ`, whose recall against exact search tops out well below 0.95 without
@@ -77,13 +77,11 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPla
     nlist = num_lists(n)
     ivf = _ivf(nlist)
     overhead = nlist * dim * 4 + n * 8  # centroids + stored ids
-    fast_scan = fast_scan_codes(dim)
-    fs_lists = num_lists(n, FAST_SCAN_LISTS_PER_ROOT)
-    if fast_scan and flat_bytes + n * fast_scan // 2 + fs_lists * dim * 4 + n * 8 <= budget:
-        return IndexPlan(f"{_ivf(fs_lists)},PQ{fast_scan}x4fs,RFlat", f"{n} vectors: 4-bit fast-scan inverted lists, re-ranked "
-                         "exactly from the float vectors, which fit the budget",
-                         flat_bytes + n * fast_scan // 2 + fs_lists * dim * 4 + n * 8,
-                         "nprobe")
+    codes, fs_lists = fast_scan_codes(dim), num_lists(n, FAST_SCAN_LISTS_PER_ROOT)
+    rerank_bytes = flat_bytes + n * codes // 2 + fs_lists * dim * 4 + n * 8  # floats + 4-bit codes + centroids + ids
+    if codes and rerank_bytes <= budget:
+        return IndexPlan(f"{_ivf(fs_lists)},PQ{codes}x4fs,RFlat", f"{n} vectors: 4-bit fast-scan inverted lists, "
+                         "re-ranked exactly from the float vectors, which fit the budget", rerank_bytes, "nprobe")
     if flat_bytes + overhead <= budget:
         return IndexPlan(f"{ivf},Flat", f"{n} vectors: inverted lists over uncompressed vectors fit the budget",
                          flat_bytes + overhead, "nprobe")
