@@ -16,7 +16,7 @@ from index.dedup import components, dedup
 from index.search import Searcher
 from index.tune import ExactTopK, recall_at_k
 from index.update import update_index
-from shardlight.core.errors import IndexStateError
+from shardlight.core.errors import IndexStateError, InputError
 
 DIM = 32
 
@@ -224,7 +224,8 @@ def test_label_and_synthetic_filters_run_inside_the_index(tmp_path, factory):
     synthetic = s.search(vector=q, k=20, synthetic=True)
     assert len(synthetic) == 20 and all(h.synthetic for h in synthetic)
     assert all(not h.synthetic for h in s.search(vector=q, k=20, synthetic=False))
-    assert s.search(vector=q, k=5, label="no such label") == []
+    with pytest.raises(InputError, match="closest: 'common', 'rare'"):  # a typo is an error, not "no results"
+        s.search(vector=q, k=5, label="no such label")
 
 
 def test_missing_synthetic_column_means_not_synthetic(tmp_path):
