@@ -1,5 +1,6 @@
 """Kill the driver mid-run, run again: the result equals an uninterrupted run's. Two runs at once: one refuses."""
 
+import json
 import os
 import signal
 import subprocess
@@ -60,11 +61,21 @@ def test_killed_driver_then_rerun_equals_uninterrupted_run(setup):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished_before = len(list(done_dir.glob("*.parquet")))
-    assert finished_before < 5, "killed mid-run"
+    finished = {p.name: p.stat().st_mtime_ns for p in done_dir.glob("*.parquet")}
+    errors_dir = root / "killed" / "errors"
+    finished_errors = {p.name: p.stat().st_mtime_ns for p in errors_dir.glob("*.parquet") if p.name in finished}
+    assert 1 <= len(finished) < 5, "killed mid-run"
+    stale = done_dir / f".{sorted(finished)[0]}.0badf00d.tmp"  # what a write killed before its rename leaves
+    stale.write_bytes(b"half a parquet file")
 
     rc, out, err = finish(start(root, "killed"))
     assert rc == 0, err
+    summary = json.loads((root / "killed" / "run.json").read_text())["summary"]
+    assert summary["skipped"] == len(finished) and summary["processed"] == 5 - len(finished)
+    # the finished shards were not touched: same files, same mtime_ns
+    assert {n: (done_dir / n).stat().st_mtime_ns for n in finished} == finished
+    assert {n: (errors_dir / n).stat().st_mtime_ns for n in finished_errors} == finished_errors
+    assert not list((root / "killed").rglob(".*.tmp")), "a temporary file was left behind"
     rc, _, err = finish(start(root, "clean"))
     assert rc == 0, err
 
