@@ -13,9 +13,11 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,8 +134,20 @@ def bench_env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_USAGE_STATS_ENABLED="0",
                PREFECT_HOME=str(tmp / "prefect-home"))
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # as flows/pipeline.py: loaded machines
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
+
+
+def failed(tool: str, done: subprocess.CompletedProcess) -> BenchError:
+    """A one-line error naming the tool's last error line; its whole output is kept in a log file."""
+    output = f"{done.stdout}\n{done.stderr}"
+    fd, log = tempfile.mkstemp(prefix=f"{tool.replace(' ', '-')}-", suffix=".log")  # outlives the bench's tmp
+    with os.fdopen(fd, "w") as f:
+        f.write(output)
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if re.search(r"Error\b|Exception\b|error:|failed", line)), None)
+    return BenchError(f"{tool} exited {done.returncode}: {cause or (lines or ['no output'])[-1]} (output in {log})")
 
 
 def prime_prefect(env: dict[str, str]) -> None:
@@ -151,6 +165,5 @@ def run_shardlight(config: Path, data: Path, out: Path, env: dict[str, str]) -> 
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise BenchError(f"shardlight run exited {done.returncode}: {tail[0]}")
+        raise failed("shardlight run", done)
     return wall, json.loads(Path(run_record_path(str(out))).read_text())["summary"]

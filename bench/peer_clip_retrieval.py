@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     BenchError,
     bench_env,
+    failed,
     machine,
     median_spread,
     prime_prefect,
@@ -93,8 +94,7 @@ def run_peer(work: Workload, out: Path, args) -> tuple[float, dict]:
     done = subprocess.run(cmd, env=work.env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise BenchError(f"clip-retrieval inference exited {done.returncode}: {tail[0]}")
+        raise failed("clip-retrieval inference", done)
     return wall, json.loads((out / "stats" / "0.json").read_text())
 
 
