@@ -28,6 +28,13 @@ err_console = Console(stderr=True)
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 DEMO_QUERIES = ("a red circle", "a blue square", "a green triangle", "a yellow star")
+_fast_exit = False  # set by commands with nothing to drain at exit (no Prefect): see main()
+
+
+def _exit_without_finalizing() -> None:
+    """Let main() end this command with os._exit after flushing (see its docstring for why)."""
+    global _fast_exit
+    _fast_exit = True
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -74,17 +81,22 @@ def run(
 
 def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
+    from flows.interrupt import stop_cleanly_on_interrupt
     from flows.pipeline import pipeline
-    from shardlight.core.storage import list_shards
+    from shardlight.core.space import check_space
+    from shardlight.core.storage import check_output, list_shards
     from shardlight.models.weights import check_augment_files, check_weight_files
 
     _setup_logging()
     if not cfg.input or not cfg.output:
         raise ShardlightError("the config needs both `input` and `output` (or --input/--out)")
-    list_shards(cfg.input)  # fail fast on a missing input or weights file, before any service starts
+    check_output(cfg.output)  # fail fast on a wrong input, output or weights file, before any service starts
+    list_shards(cfg.input)
     check_weight_files(cfg.clip, cfg.labels)
     check_augment_files(cfg.augment)
-    summary = pipeline(cfg.model_dump(), wait_s=wait_s)
+    check_space(cfg.output, cfg.clip, cfg.labels)
+    with stop_cleanly_on_interrupt(cfg.output):
+        summary = pipeline(cfg.model_dump(), wait_s=wait_s)
     _print_summary(summary)
     return summary
 
@@ -122,7 +134,10 @@ def index(
     """Rebuild the FAISS index from the Parquet files (OUT/embeddings, and OUT/augmented unless --no-synthetic)."""
     from index.build import build_index
 
-    meta = build_index(out, factory, synthetic=synthetic)
+    _exit_without_finalizing()
+    from shardlight.core.space import recorded_clip
+
+    meta = build_index(out, factory, synthetic=synthetic, model=recorded_clip(out))
     generated = "" if synthetic else " (input rows only)"
     console.print(f"index: {meta['count']} vectors{generated}, {meta['factory']}, built in {meta['build_seconds']}s")
 
@@ -141,6 +156,8 @@ def query(
 ) -> None:
     """Nearest samples to a text, an image or an existing key."""
     from index.search import Searcher
+
+    _exit_without_finalizing()
 
     hits = Searcher(out).search(text=text, image=image, key=key, k=k, label=label, synthetic=synthetic)
     if as_json:
@@ -216,7 +233,9 @@ def deploy(
     from flows.deploy import deploy as register
 
     cfg = with_ray_address(load_config(config, input=input, output=out), ray_address)
-    full = register(cfg, name, cron, pool)
+    full, resolved = register(cfg, name, cron, pool)
+    for change in resolved:
+        console.print(f"stored as an absolute path (scheduled runs start elsewhere): {change}")
     console.print(f"deployment {full} registered{f' on {cron!r}' if cron else ''} in work pool {pool!r}\n"
                   f"run the scheduled runs with: shardlight worker --pool {pool}\n"
                   f"trigger one now with:       prefect deployment run '{full}'")
@@ -265,22 +284,44 @@ def demo(
 app.registered_commands += index_app.registered_commands
 
 
-def main() -> None:
-    """Console entry point: expected failures print one line, not a traceback."""
+def _run_app() -> int:
+    """Run the command; expected failures print one line, not a traceback. Returns the exit status."""
     try:
         app()
+    except SystemExit as done:  # typer ends every command this way
+        if done.code is None or isinstance(done.code, int):
+            return done.code or 0
+        err_console.print(str(done.code), highlight=False, soft_wrap=True)
+        return 1
     except ShardlightError as err:
         err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
-        err_console.print("interrupted: run the same command again to resume where it stopped")
-        sys.exit(130)
+        err_console.print("interrupted; run the same command to resume")
+        return 130
     except Exception as err:  # a bug or an outage, not a user error: keep it to one line unless asked
         if os.environ.get("SHARDLIGHT_DEBUG"):
             raise
         err_console.print(f"[red]unexpected error:[/] {first_line(err)} "
                           "(set SHARDLIGHT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def main() -> None:
+    """Console entry point. Commands that never start Prefect (query, index, …) end with `os._exit` once
+    their output is flushed: on a loaded machine, pyarrow's and torch's native worker threads could still be
+    unwinding while the interpreter finalises, and the C++ runtime then aborted the process ("terminate
+    called without an active exception", signal 6) after it had printed a correct answer."""
+    code = _run_app()
+    if _fast_exit:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (`| head`): nothing more to deliver
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

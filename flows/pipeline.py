@@ -40,10 +40,12 @@ from shardlight.core.layout import (  # noqa: E402
     augmented_path,
     embeddings_path,
     read_stats,
+    remove_temporary,
     run_record_path,
     shard_done,  # noqa: E402
     stages_todo,  # noqa: E402
 )
+from shardlight.core.space import check_space, record_space  # noqa: E402
 from shardlight.core.storage import is_local, list_shards, makedirs, shard_name, write_atomic  # noqa: E402
 from workers.shard_worker import process_shards  # noqa: E402
 
@@ -254,6 +256,10 @@ def pipeline(config: dict, wait_s: float = 0.0) -> dict:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     makedirs(cfg.output)
     with OutputLease(cfg.output, wait_s=wait_s):
+        check_space(cfg.output, cfg.clip, cfg.labels)  # one output, one embedding space
+        for path in remove_temporary(cfg.output):  # left by a killed run; ours start after this
+            log.info("removed a stale temporary file: %s", path)
+        record_space(cfg.output, cfg.clip, cfg.labels)
         plan = plan_shards(cfg)
         embedded, augmented = shard_stage(cfg, plan["shards"])
         index = index_stage(cfg) if cfg.index.build and embedding_files(cfg.output) else None

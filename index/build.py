@@ -12,6 +12,7 @@ batch. The index is derived data: it can always be rebuilt from Parquet (see ind
 from __future__ import annotations
 
 import logging
+import re
 import time
 from datetime import UTC, datetime
 
@@ -77,9 +78,23 @@ def train(index: faiss.Index, vectors: np.ndarray) -> None:
             log.warning("GPU training unavailable (%s); training on CPU", first_line(err))
     if len(vectors) == 0:
         raise IndexStateError("no vectors to train the index on")
-    index.train(vectors)
+    try:
+        index.train(vectors)
+    except RuntimeError as err:
+        raise _training_error(err, len(vectors)) from None
     if ivf is not None:
         ivf.clustering_index = None
+
+
+def _training_error(err: RuntimeError, n: int) -> IndexStateError:
+    """FAISS's C++ assertion as one line saying how many vectors the quantizer needs and what to do instead."""
+    needed = re.search(r"number of clusters \((\d+)\)", str(err))
+    if not needed:
+        return IndexStateError(f"training the index failed: {last_line(err)}")
+    k = int(needed.group(1))
+    return IndexStateError(f"this index type needs at least {k} vectors to train ({39 * k} recommended) and there "
+                           f"are {n}: use fewer IVF lists (IVF{max(1, n // 39)}), fewer PQ bits, --factory Flat or "
+                           "--factory auto")
 
 
 def quantization_error(index: faiss.Index, vectors: np.ndarray) -> dict:

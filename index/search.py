@@ -9,8 +9,8 @@ among the vectors the index visits, instead of whatever survives from an unfilte
 
 from __future__ import annotations
 
+import difflib
 import io
-import json
 import threading
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -26,8 +26,8 @@ from PIL import Image
 from index.store import load_index
 from shardlight.core.config import ClipSpec
 from shardlight.core.errors import IndexStateError, InputError, first_line
-from shardlight.core.layout import run_record_path
-from shardlight.core.storage import exists, join, open_read, read_bytes
+from shardlight.core.space import recorded_clip
+from shardlight.core.storage import join, open_read
 
 RESULT_COLUMNS = ["key", "caption", "label", "label_prob", "url", "clip_score"]
 
@@ -60,7 +60,8 @@ def _columns_of(shard_url: str) -> list[str]:
 
 
 class Searcher:
-    """Loads OUT's index once; embeds queries with the CLIP model recorded in OUT/run.json."""
+    """Loads OUT's index once; embeds queries with the CLIP model that built it (index/meta.json; else
+    OUT/models.json or run.json for an index built without one), never with a later run's config."""
 
     def __init__(self, out: str | Path, device: str = "cpu"):
         self.out = str(out)
@@ -95,10 +96,11 @@ class Searcher:
 
                 from shardlight.models.clip import ClipEmbedder
 
-                record = run_record_path(self.out)
-                if not exists(record):
-                    raise IndexStateError(f"{record} is missing: cannot tell which CLIP model embedded this index")
-                spec = ClipSpec(**json.loads(read_bytes(record))["config"]["clip"])
+                spec = self.meta.get("model") or recorded_clip(self.out)
+                if not spec:
+                    raise IndexStateError(f"neither {self.out}/index/meta.json nor {self.out}/models.json names "
+                                          "the CLIP model that embedded this index")
+                spec = ClipSpec(**spec)
                 self._clip = ClipEmbedder(spec, torch.device(self._device))
             return self._clip
 
@@ -111,12 +113,7 @@ class Searcher:
         import torch
 
         if not isinstance(image, Image.Image):
-            data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
-            try:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-            except Exception as err:
-                raise InputError(f"cannot decode query image: {first_line(err, with_type=False)}") from None
+            image = _open_image(image)
         clip = self.clip
         pixels = clip.preprocess(image.convert("RGB"))
         with self._lock:
@@ -207,8 +204,9 @@ class Searcher:
         cols = self._filter_columns()
         mask = np.ones(self.size, bool)
         if label is not None:
-            code = cols["label_names"].get(label)
-            mask &= cols["label_codes"] == (code if code is not None else -2)
+            if label not in cols["label_names"]:
+                raise InputError(_unknown_label(label, list(cols["label_names"])))
+            mask &= cols["label_codes"] == cols["label_names"][label]
         if synthetic is not None:
             mask &= cols["synthetic"] == bool(synthetic)
         return mask
@@ -257,8 +255,39 @@ class Searcher:
                    shard=shard, row=row, synthetic=synthetic, id=i)
 
 
+def _open_image(source: bytes | str | Path) -> Image.Image:
+    """A query image from a file or bytes; a missing file, a folder or undecodable bytes is one line naming it."""
+    name = "the query image"
+    if isinstance(source, (str, Path)):
+        path, name = Path(source), f"query image {source}"
+        if not path.exists():
+            raise InputError(f"{name} not found")
+        if path.is_dir():
+            raise InputError(f"{name} is a folder, not an image file")
+        source = path.read_bytes()
+    try:
+        image = Image.open(io.BytesIO(source))
+        image.load()
+    except Exception as err:
+        reason = first_line(err, with_type=False)
+        if "cannot identify image file" in reason:
+            reason = "not an image format Pillow can read (JPEG, PNG, WebP, …)"
+        raise InputError(f"cannot decode {name}: {reason}") from None
+    return image
+
+
+def _unknown_label(label: str, known: list[str]) -> str:
+    """One line naming the labels closest to a label no row has."""
+    close = difflib.get_close_matches(label, known, n=3, cutoff=0.4) or sorted(known)[:3]
+    suggestion = f"; closest: {', '.join(repr(c) for c in close)}" if close else "; the index has no labels"
+    return f"no indexed row has the label {label!r}{suggestion} ({len(known)} labels in all)"
+
+
 def _enable_reconstruct(index: faiss.Index) -> None:
-    """IVF indexes reconstruct by id only with a direct map (8 bytes per vector)."""
+    """IVF indexes reconstruct by id only with a direct map (8 bytes per vector); a re-ranking index
+    reconstructs from the float vectors it keeps."""
+    if isinstance(index, faiss.IndexRefine):
+        return
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -282,7 +311,9 @@ class _FilteredSearch:
         self.bits = np.packbits(mask, bitorder="little")  # the selector reads this buffer: keep it alive
         self.selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(self.bits))
         self.size = len(mask)
-        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+        refine = index if isinstance(index, faiss.IndexRefine) else None  # `…,RFlat`: the filter goes to its base
+        base = faiss.downcast_index(refine.base_index) if refine is not None else index
+        inner = faiss.downcast_index(base.index) if isinstance(base, faiss.IndexPreTransform) else base
         self.ivf = inner if isinstance(inner, faiss.IndexIVF) else None
         if self.ivf is not None:
             self.inner = faiss.SearchParametersIVF(sel=self.selector, nprobe=self.ivf.nprobe)
@@ -291,8 +322,11 @@ class _FilteredSearch:
         else:
             self.inner = faiss.SearchParameters(sel=self.selector)
         self.params = self.inner
-        if inner is not index:
+        if inner is not base:
             self.params = faiss.SearchParametersPreTransform(index_params=self.inner)
+        if refine is not None:
+            self.base_params = self.params  # the refine parameters point at it: keep it alive
+            self.params = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=self.params)
 
     def widen(self) -> bool:
         """Search more lists / graph nodes; False when the search already covers everything."""

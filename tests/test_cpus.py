@@ -4,7 +4,7 @@ import torch
 
 from shardlight.core.config import ComputeSpec
 from workers.cpus import held_cpus, model_threads
-from workers.decode import auto_decode_workers
+from workers.decoders import auto_decode_workers
 from workers.pool import cpu_share, gpu_share
 
 

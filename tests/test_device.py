@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shardlight.models.device import pick_batch_size, pick_device, pick_dtype
+from shardlight.models.device import batch_from_free_memory, pick_batch_size, pick_device, pick_dtype
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,6 +26,13 @@ def test_cpu_auto_bf16_needs_native_bf16_and_a_large_model(monkeypatch):
     assert pick_dtype(cpu, "auto", params=150_000_000) == torch.float32
 
 
+def test_gpu_batch_size_follows_free_memory():
+    gib = 1 << 30
+    assert batch_from_free_memory(79 * gib) == 512  # an idle H100
+    assert batch_from_free_memory(10 * gib) == 128
+    assert batch_from_free_memory(1 * gib) == 32  # never below the floor
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_asking_for_cuda_without_a_gpu_is_an_error():
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
@@ -40,7 +47,7 @@ def test_gpu_defaults_and_autocast_embedding(tmp_path):
     from workers.embed import ShardEmbedder
 
     gpu = pick_device("auto")
-    assert gpu.type == "cuda" and pick_batch_size(gpu, None) == 256
+    assert gpu.type == "cuda" and pick_batch_size(gpu, None) in (32, 64, 128, 256, 512)
     assert pick_dtype(gpu, "auto") in (torch.bfloat16, torch.float16)
     shard = write_shards(tmp_path / "d", 1, 40, seed=1)[0]
     embedder = ShardEmbedder(ClipSpec(model="shapes-clip"), LabelSpec(kind="vit", model="shapes-vit"), ComputeSpec())

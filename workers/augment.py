@@ -96,7 +96,7 @@ class ShardAugmenter:
         images = self._run(jobs)
         rows, tar_bytes, dropped = self._score_and_pack(name, jobs, images)
         stats = {
-            "shard": name, "url": shard_url, "generated": len(jobs), "rows": len(rows),
+            "shard": name, "url": shard_url, "model": self.gen.name, "generated": len(jobs), "rows": len(rows),
             "dropped_low_clip": dropped, "unknown_labels": unknown,
             "by_mode": dict(Counter(r.meta["mode"] for r in rows)),
             "label_agrees": sum(r.meta["target_label"] == r.label for r in rows),

@@ -25,13 +25,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from shardlight.core.config import ComputeSpec
 from shardlight.core.errors import ClusterError, InputError
 from shardlight.core.schema import SampleError
 from workers.decode_job import DecodeSpecs, decode_chunk, decode_one, init_worker
 from workers.reader import RawSample
 
-__all__ = ["CpuDecoder", "DecodeSpecs", "DecodedBatch", "Decoder", "SampleMeta", "make_decoder"]
+__all__ = ["CpuDecoder", "DecodeSpecs", "DecodedBatch", "Decoder", "SampleMeta"]
 
 
 @dataclass
@@ -235,31 +234,3 @@ class CpuDecoder:
         # spawn, not fork: the parent runs OpenMP threads, which a forked child must not inherit
         return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=init_worker, initargs=(self.specs,))
-
-
-def auto_decode_workers(cpus: int, device: torch.device) -> int:
-    """Decode workers for a worker holding `cpus` CPUs: see docs/operations.md for the measurements."""
-    if device.type == "cuda":
-        return max(1, cpus - 1)  # the GPU does the model work: every CPU but the feeding thread decodes
-    return 1  # on a CPU the model dominates (tens of ms per image vs ~2 ms to decode a 256-px JPEG)
-
-
-def make_decoder(compute: ComputeSpec, device: torch.device, specs: DecodeSpecs, cpus: int,
-                 batch_size: int) -> Decoder:
-    """The decoder `compute.decode` asks for (`auto`: GPU decode for CUDA workers when available, else CPU)."""
-    want = compute.decode
-    if want == "gpu" and device.type != "cuda":
-        raise InputError("compute.decode is 'gpu' but this worker has no CUDA GPU")
-    if want == "gpu" or (want == "auto" and device.type == "cuda"):
-        try:
-            from workers.gpu_decode import GpuDecoder  # issue 19; absent until it lands
-        except ImportError:
-            if want == "gpu":
-                raise InputError("compute.decode 'gpu' is not available in this version") from None
-        else:
-            return GpuDecoder(compute, device, specs, cpus=cpus, batch_size=batch_size)
-    workers = compute.decode_workers
-    if workers == "auto":
-        workers = auto_decode_workers(cpus, device)
-    return CpuDecoder(specs, workers=workers, batch_size=batch_size, prefetch=compute.prefetch_batches,
-                      pin_memory=device.type == "cuda")

@@ -21,8 +21,11 @@ from shardlight.models.clip import ClipEmbedder
 from shardlight.models.device import pick_batch_size, pick_device, pick_dtype
 from shardlight.models.labelers import build_labeler
 from workers.cpus import apply_threads, held_cpus, model_threads
-from workers.decode import DecodedBatch, DecodeSpecs, make_decoder
+from workers.decode import DecodedBatch, DecodeSpecs
+from workers.decoders import make_decoder
 from workers.reader import DecodedSample, ShardReader
+from workers.reader_process import ReaderProcess
+from workers.text import TextPool, text_processes
 
 
 class ShardEmbedder:
@@ -40,6 +43,11 @@ class ShardEmbedder:
         self.labeler = build_labeler(labels, self.device, self.dtype, self.clip)
         self.top_k = labels.top_k
         self.decoder = make_decoder(compute, self.device, self._specs(compute), self.cpus, self.batch_size)
+        processes = text_processes(self.device.type, self.cpus)
+        self.text = TextPool(clip.model, processes) if processes else None
+        # Where captions are tokenised in helper processes (a GPU worker with CPUs to spare), the shard is
+        # read in one too: this process then only feeds the GPU (docs/operations.md, "GPU decoding").
+        self.reading = ReaderProcess() if processes else None
 
     def _specs(self, compute: ComputeSpec) -> DecodeSpecs:
         """uint8 pixel specs where the models' transforms split; their own transforms otherwise."""
@@ -52,21 +60,28 @@ class ShardEmbedder:
         return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "batch_size": self.batch_size, "dim": self.clip.dim, "cpus": self.cpus,
                 "threads": torch.get_num_threads(), "text_real_length": self.clip.cuts_text,
+                "text_processes": self.text.processes if self.text else 0,
                 **self.decoder.describe()}
 
     def close(self) -> None:
         self.decoder.close()
+        for helper in (self.text, self.reading):
+            if helper:
+                helper.close()
 
     def process(self, shard_url: str, out: str) -> dict:
         """Embed one shard and write its outputs; returns the shard's stats."""
         start = time.perf_counter()
-        reader = ShardReader(shard_url)
+        reader = self.reading.open(shard_url) if self.reading else ShardReader(shard_url)
         errors: list[SampleError] = []
         rows: list[Row] = []
-        for batch in self.decoder.batches(reader):
+        fallbacks = self._fallbacks()
+        batches = self.decoder.batches(reader)
+        with_tokens = self.text.ahead(batches, _captions) if self.text else ((b, None) for b in batches)
+        for batch, tokens in with_tokens:
             errors.extend(batch.errors)
             if batch.samples:
-                self._compute(batch, rows)
+                self._compute(batch, rows, tokens)
         if reader.problem:
             errors.append(SampleError(None, reader.name, "shard", reader.problem, dropped=False))
         dropped = sum(e.dropped for e in errors)
@@ -74,6 +89,7 @@ class ShardEmbedder:
             "shard": reader.name, "url": shard_url, "samples_read": len(rows) + dropped, "rows": len(rows),
             "errors": dropped, "notes": len(errors) - dropped, "problem": reader.problem,
             "no_caption": sum(r.caption is None for r in rows),
+            "decode_fallbacks": self._fallbacks() - fallbacks,
             "seconds": round(time.perf_counter() - start, 3),
         }
         stats["images_per_s"] = round(len(rows) / max(stats["seconds"], 1e-9), 2)
@@ -81,6 +97,10 @@ class ShardEmbedder:
         table = rows_table(rows, self.clip.dim)
         write_table(embeddings_path(out, reader.name), table, {STATS_KEY: json.dumps(stats).encode()})
         return stats
+
+    def _fallbacks(self) -> int:
+        """Images the GPU decoder handed to the CPU so far (0 for the CPU decoder)."""
+        return getattr(self.decoder, "stats", {}).get("fallbacks", 0)
 
     def _prepare(self, sample: DecodedSample) -> tuple:
         """One decoded image through the models' own PIL transforms (float tensors): for benchmarks that
@@ -91,14 +111,16 @@ class ShardEmbedder:
             label_px = self.labeler.transform(sample.image)
         return sample, clip_px, label_px
 
-    def _compute(self, batch: DecodedBatch, rows: list[Row]) -> None:
+    def _compute(self, batch: DecodedBatch, rows: list[Row], tokens=None) -> None:
+        """Embed and label one batch; `tokens`: its captions already tokenised (by the TextPool)."""
         samples = batch.samples
         image_emb = self.clip.embed_images(batch.clip)
         captions = [s.raw.caption for s in samples]
         with_text = [i for i, c in enumerate(captions) if c is not None]
         text_emb = np.zeros_like(image_emb)
         if with_text:
-            text_emb[with_text] = self.clip.embed_texts([captions[i] for i in with_text])
+            text_emb[with_text] = self.clip.embed_tokens(tokens) if tokens is not None \
+                else self.clip.embed_texts([captions[i] for i in with_text])
         scores = (image_emb * text_emb).sum(axis=1)
         labels = None
         if self.labeler is not None:
@@ -114,3 +136,6 @@ class ShardEmbedder:
                 clip_score=float(scores[i]) if raw.caption is not None else None,
                 meta=raw.meta, **(labels.row(i) if labels else {})))
 
+
+def _captions(batch: DecodedBatch) -> list[str]:
+    return [m.raw.caption for m in batch.samples if m.raw.caption is not None]

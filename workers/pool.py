@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from shardlight.core.config import RaySpec, RunConfig
 from shardlight.core.errors import ClusterError, ShardlightError, first_line, last_line
@@ -48,6 +48,13 @@ class ShardActor:
         return self.worker.process(shard_url, out)
 
 
+# Ray 2.60's `ray start --head` turns on token authentication; a client without the token is refused with
+# InvalidAuthToken warnings and a connection error that never mentions it.
+AUTH_HINT = ("if the cluster uses token authentication (the default of `ray start` since Ray 2.60), set "
+             "RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the head's ~/.ray/auth_token via "
+             "RAY_AUTH_TOKEN_PATH): see docs/cluster.md")
+
+
 def connect(spec: RaySpec) -> bool:
     """Join the configured cluster or start a local Ray; returns True when this call started Ray."""
     if ray.is_initialized():
@@ -58,8 +65,9 @@ def connect(spec: RaySpec) -> bool:
         kwargs["num_cpus"] = spec.num_cpus
     try:
         ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ClusterError(f"cannot reach Ray at {address!r}: {first_line(err, with_type=False)}") from None
+    except (ConnectionError, RuntimeError, ValueError, RayError) as err:
+        hint = "" if address == "local" else f"; {AUTH_HINT}"
+        raise ClusterError(f"cannot reach Ray at {address!r}: {first_line(err, with_type=False)[:300]}{hint}") from None
     return True
 
 

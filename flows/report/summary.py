@@ -162,7 +162,16 @@ def _weights(value: str | bool | None) -> str | None:
     return "hub weights" if value is True else Path(str(value)).name
 
 
-def _models(record: dict) -> dict[str, str]:
+def _loaded_dit(out: str, record: dict) -> str | None:
+    """The DiT name the workers loaded (a demo checkpoint names its own, whatever `augment.model` says)."""
+    files = parquet_files(out, "augmented")
+    named = read_stats(files[-1]).get("model") if files else None
+    worker = ((record.get("summary") or {}).get("worker") or {}).get("augment") or {}
+    return named or worker.get("model")
+
+
+def _models(record: dict, loaded_dit: str | None = None) -> dict[str, str]:
+    """Model names as loaded; the config's names only where nothing loaded says otherwise."""
     cfg = record.get("config", {})
     clip, labels = cfg.get("clip") or {}, cfg.get("labels") or {}
     models = {}
@@ -172,8 +181,8 @@ def _models(record: dict) -> dict[str, str]:
         weights = _weights(labels.get("checkpoint")) or _weights(labels.get("pretrained"))
         models["labels"] = f"{labels.get('kind')}: {labels.get('model')}" + (f" ({weights})" if weights else "")
     augment = cfg.get("augment") or {}
-    if augment.get("enabled") and augment.get("model"):
-        models["augment"] = f"{augment['model']} ({_weights(augment.get('checkpoint')) or 'untrained'})"
+    if augment.get("enabled") and (loaded_dit or augment.get("model")):
+        models["augment"] = f"{loaded_dit or augment['model']} ({_weights(augment.get('checkpoint')) or 'untrained'})"
     return models
 
 
@@ -190,7 +199,7 @@ def collect_summary(out: str) -> RunSummary:
         rows=sum(num_rows(u) for u in files), errors=dropped, notes=kept, errors_by_reason=by_reason,
         synthetic_rows=sum(num_rows(u) for u in parquet_files(out, "augmented")),
         dedup=_dedup_counts(dedup) if exists(dedup) else None,
-        stages=_stages(out, stats, record, index), models=_models(record),
+        stages=_stages(out, stats, record, index), models=_models(record, _loaded_dit(out, record)),
         versions=record.get("versions", {}), code_version=record.get("code_version"),
         finished_at=record.get("finished_at"), index=index, last_run=record.get("summary", {}),
     )

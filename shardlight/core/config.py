@@ -6,6 +6,7 @@ configuration files themselves. Relative paths in a YAML file are resolved again
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -42,7 +43,7 @@ class LabelSpec(_Strict):
 class ComputeSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the worker has a GPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU; CPU: docs/benchmarks.md
-    batch_size: int | None = Field(None, ge=1)  # None: 256 per GPU, 32 on CPU
+    batch_size: int | None = Field(None, ge=1)  # None: from free GPU memory (512 on an idle 80 GB GPU), 32 on CPU
     prefetch_batches: int = Field(4, ge=1)  # decoded batches queued ahead of the model
     threads: int | None = Field(None, ge=1)  # torch threads; None: the CPUs the worker holds (Ray's share)
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # where images are decoded (gpu: issue 19's decoder)
@@ -109,11 +110,25 @@ def _resolve(value: str | None, base: Path) -> str | None:
     return str(candidate) if candidate.exists() else value
 
 
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys allowed beside the last element of `loc` (a path of section names into RunConfig)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
 def _first_error(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
-        return f"unknown key {where!r}"
+        close = difflib.get_close_matches(str(first["loc"][-1]), _keys_at(first["loc"]), n=1, cutoff=0.6)
+        prefix = ".".join(str(p) for p in first["loc"][:-1])
+        hint = f" (did you mean {'.'.join(filter(None, [prefix, close[0]]))!r}?)" if close else ""
+        return f"unknown key {where!r}{hint}"
     return f"{where}: {first['msg']}"
 
 
@@ -140,6 +155,15 @@ def parse_config(data: dict, source: str = "config", base: Path | None = None) -
     return cfg.model_copy(update={"clip": clip, "labels": labels, "augment": augment})
 
 
+def _yaml_where(err: yaml.YAMLError) -> str:
+    """` at line L, column C: problem` for a YAML syntax error (PyYAML counts from 0)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or first_line(err, with_type=False)
+    if mark is None:
+        return f" ({problem})"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def load_config(path: str | Path, **overrides) -> RunConfig:
     """Read a YAML run config; `overrides` (e.g. input=, output=) replace top-level keys when not None."""
     path = Path(path)
@@ -148,7 +172,7 @@ def load_config(path: str | Path, **overrides) -> RunConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({first_line(err, with_type=False)})") from None
+        raise InputError(f"{path}: not valid YAML{_yaml_where(err)}") from None
     if isinstance(data, dict):
         data.update({k: v for k, v in overrides.items() if v is not None})
     return parse_config(data, source=str(path), base=path.resolve().parent)

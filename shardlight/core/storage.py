@@ -89,7 +89,14 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def check_output(url: str) -> None:
+    """An output must be a folder (or not exist yet): a file there is a one-line InputError."""
+    if is_local(url) and Path(local_path(url)).exists() and not Path(local_path(url)).is_dir():
+        raise InputError(f"output {url} is a file, not a folder: give --out a folder path (it is created if missing)")
+
+
 def makedirs(url: str) -> None:
+    check_output(url)
     if is_local(url):
         Path(local_path(url)).mkdir(parents=True, exist_ok=True)
 

@@ -55,7 +55,12 @@ class ClipEmbedder:
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(texts)  # padded (or cut) to the context exactly as open_clip does
+        return self.embed_tokens(self.tokenizer(texts))  # padded (or cut) to the context as open_clip does
+
+    @torch.inference_mode()
+    def embed_tokens(self, tokens: torch.Tensor) -> np.ndarray:
+        """Token ids from `self.tokenizer` (tokenised elsewhere, e.g. in helper processes) -> unit vectors."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
         with autocast(self.device, self.dtype):
             if self.cuts_text:
                 length = int((tokens != 0).sum(dim=1).max())  # SimpleTokenizer pads with 0
