@@ -1,7 +1,7 @@
 """Decode mechanism, reduced-scale JPEG decode and CPU bf16: the measurements behind issue 18's choices.
 
     python bench/decode_bench.py mechanism [--images 384] [--rounds 3]   decode alone: inline, threads, processes
-    python bench/decode_bench.py worker [--images 192] [--rounds 3]      ShardEmbedder (ViT-B-32) by decode setting
+    python bench/decode_bench.py worker [--model demo] [--images 192]   ShardEmbedder by decode setting
     python bench/decode_bench.py draft PHOTO.jpg [...]                   cosine of draft vs full decode
     python bench/decode_bench.py precision [--rounds 3]                  bf16 autocast vs fp32 on this CPU
 
@@ -84,12 +84,13 @@ def mechanism(args) -> None:
 
 def worker(args) -> None:
     data = Path(tempfile.mkdtemp())
-    shard = str(write_shards(data, 1, args.images, seed=7, image_size=256)[0])
+    demo = args.model == "demo"  # the demo CLIP + ViT on 64-px shards, else ViT-B-32 (no labels) on 256-px ones
+    shard = str(write_shards(data, 1, args.images, seed=7, image_size=64 if demo else 256)[0])
+    clip, labels = (SHIPPED_CLIP, SHIPPED_VIT) if demo else (ClipSpec(model="ViT-B-32"), LabelSpec(kind="none"))
     settings = {}
     for name, compute in [("decode inline", {"decode_workers": 0}), ("1 decode process", {"decode_workers": 1}),
                           ("2 decode processes", {"decode_workers": 2})]:
-        embedder = ShardEmbedder(ClipSpec(model="ViT-B-32"), LabelSpec(kind="none"),
-                                 ComputeSpec(batch_size=64, threads=args.threads, **compute))
+        embedder = ShardEmbedder(clip, labels, ComputeSpec(batch_size=64, threads=args.threads, **compute))
         embedder.process(shard, str(data / "warm"))
         settings[name] = _worker_run(embedder, shard)
     interleaved(settings, args.rounds)
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--model", choices=["ViT-B-32", "demo"], default="ViT-B-32", help="worker: which models")
     args = parser.parse_args()
     args.images = args.images or {"mechanism": 384, "worker": 192, "draft": 120, "precision": 64}[args.what]
     if args.threads:

@@ -9,6 +9,8 @@ error string in its place, never an exception that would lose the rest of the ch
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +58,14 @@ def init_worker(specs: DecodeSpecs) -> None:
     _SPECS = specs
     # A decode worker yields to the model threads it shares the cores with; it only needs to keep ahead.
     os.nice(NICENESS)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A killed actor (ray.kill, SIGKILL) cannot shut its pool down; its decode workers must not outlive it."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def decode_chunk(items: list[tuple[bytes, str | None]], specs: DecodeSpecs | None = None) -> list:
