@@ -289,7 +289,8 @@ def main() -> None:
                 rates[f"pipeline[{k} processes]"] = [rate]
         stats = {name: dict(d.stats) for name, d in stages.gpu.items()}
         worker = embedder.describe()
-        stages.cpu.close()
+        for decoder in (stages.cpu, *stages.gpu.values()):
+            decoder.close()
         embedder.close()
     summary = summarise(rates)
     summary.update(machine=machine(), worker=worker, samples=len(stages.captions), shards=len(shards),
