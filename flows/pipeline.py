@@ -64,6 +64,26 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_OneLineErrors())
 
 
+def send_logs_to_prefect() -> None:
+    """shardlight's log lines go to the Prefect run's logs (the UI) and to this process's stderr.
+
+    PREFECT_LOGGING_EXTRA_LOGGERS (set above) only works when it is set before Prefect configures logging;
+    a worker-started run imports Prefect first, so its shardlight lines reached neither the worker's output
+    nor the run's logs. Attaching Prefect's API handler at flow start works however the flow was started.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("shardlight")
+    logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | shardlight - %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
 def _retry_unless_expected(task, task_run, state) -> bool:
     """Retry transient failures; a wrong config or a missing model will not fix itself."""
     try:
@@ -249,6 +269,7 @@ def pipeline(config: dict, wait_s: float = 0.0) -> dict:
     Only one run at a time may write an output folder: a second one waits up to `wait_s` seconds for
     the first to finish, then refuses.
     """
+    send_logs_to_prefect()
     cfg = parse_config(config)
     if not cfg.input or not cfg.output:
         raise InputError("the config needs both `input` and `output` (or --input/--out)")

@@ -56,3 +56,25 @@ def test_make_demo_data_and_help(tmp_path):
     helped = run_cli("--help")
     for command in ("run", "query", "demo", "make-demo-data", "index"):
         assert command in helped.stdout
+
+
+def test_version_short_help_long_k_and_defaults_that_do_not_depend_on_the_cwd():
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from shardlight.core.config import CONFIG_DIR
+
+    runner = CliRunner()
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("shardlight ")
+    helped = runner.invoke(app, ["query", "-h"])
+    assert helped.exit_code == 0 and "--k" in helped.output and "--image" in helped.output
+    train = next(c for c in app.registered_commands if c.name == "train-demo-models").callback
+    import inspect
+
+    assert inspect.signature(train).parameters["out_dir"].default.default == CONFIG_DIR / "models"
+
+
+@pytest.mark.timeout(150)
+def test_query_needs_exactly_one_of_text_image_key_named_as_the_cli_spells_them(tmp_path):
+    assert_one_line_error(run_cli("query", str(tmp_path), "--k", "3"), "give exactly one of TEXT, --image FILE or --key KEY")

@@ -68,6 +68,14 @@ def _row_cells(generated: list, varied: list, max_per_row: int) -> list[tuple[Im
     return cells[:max_per_row]
 
 
+PREVIEW_NAME = "augment-preview.png"
+
+
+def preview_path(out: str) -> Path:
+    """OUT/report/augment-preview.png: beside the report, where `shardlight report` writes (local outputs)."""
+    return Path(join(out, "report", PREVIEW_NAME))
+
+
 def augment_preview(out: str, dest_png: str | Path, max_per_row: int = 8) -> Path:
     """Write the contact sheet of OUT's augmentations to `dest_png`; returns its path.
 
