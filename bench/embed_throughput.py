@@ -1,19 +1,34 @@
-"""Embedding throughput, as ratios against a bare model forward measured in the same run.
+"""Embedding throughput, as ratios against a baseline measured in the same run.
 
     python bench/embed_throughput.py [--config configs/demo.yaml] [--shards 4] [--samples-per-shard 256]
+    python bench/embed_throughput.py --model ViT-B-32 [--samples 1024] [--batch-size 64]
 
-Prints images/s for:
+With a config (default: the demo's models), prints images/s for:
   forward     CLIP image+text forward and the labeler on pre-decoded, pre-transformed tensors
   worker      ShardEmbedder.process in this process: read tar, decode, transform, forward, write Parquet
   flow-stage  the Prefect flow's embedding stage on local Ray, including Ray start and actor model load
   flow-total  the whole flow: Prefect, Ray start, actor model load, embedding, index build
 and each as a ratio of `forward`.
+
+With --model (an open_clip architecture, random weights written to a local file; no hub), on 256-px
+photo-like JPEG shards with captions of realistic length (bench/common.py), each stage alone, then the
+whole `shardlight run` of that model (image + text, no labels, no index), as a ratio of the slowest stage:
+  read+decode   tar read, JPEG decode and the CLIP transform, in 1 process, then in one per CPU (one shard
+                list each), timed inside the processes (their start-up is not counted)
+  image / text  the model's image tower on pre-made tensors, its text tower on the real captions
+                (ClipEmbedder.embed_texts), with torch's default threads; image+text is their sum in time,
+                the bare model limit
+  run           `shardlight run` in a fresh process, wall clock (Prefect server, Ray, model load included;
+                the Prefect database is created before, untimed), and its embedding stage's rate from the
+                run summary
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +40,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import machine, print_ratios  # noqa: E402
+from bench.common import (  # noqa: E402
+    bench_env,
+    machine,
+    prime_prefect,
+    print_ratios,
+    run_shardlight,
+    worker_line,
+    write_photo_shards,
+    write_random_clip,
+    write_run_config,
+)
 from shardlight.core.config import CONFIG_DIR, load_config  # noqa: E402
 from shardlight.training.synthetic import write_shards  # noqa: E402
 from workers.embed import ShardEmbedder  # noqa: E402
@@ -67,13 +92,94 @@ def whole_flow(config: Path, data: Path, out: Path) -> tuple[float, float]:
     return summary["images_per_s"], summary["rows"] / total
 
 
+def _decode_shards(shards: list[Path], preprocess) -> tuple[int, float, float]:
+    """One decode process: every sample of its shards read, decoded and transformed; (count, start, end)."""
+    torch.set_num_threads(1)  # a decode worker is one thread; the model owns the other threads
+    start, count = time.time(), 0
+    for shard in shards:
+        for raw in ShardReader(str(shard)):
+            if isinstance(raw, RawSample):
+                preprocess(decode(raw).image)
+                count += 1
+    return count, start, time.time()
+
+
+def decode_rate(shards: list[Path], preprocess, workers: int) -> float:
+    """images/s of read+decode+transform in `workers` fresh processes, each given every workers-th shard."""
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        done = pool.starmap(_decode_shards, [(shards[w::workers], preprocess) for w in range(workers)])
+    return sum(n for n, _, _ in done) / (max(end for _, _, end in done) - min(start for _, start, _ in done))
+
+
+def forward_rates(embedder: ShardEmbedder, shards: list[Path]) -> tuple[float, float, list[int]]:
+    """images/s of the image tower and captions/s of the text tower alone, and each caption's token count."""
+    pixels, captions = [], []
+    for shard in shards:
+        for raw in ShardReader(str(shard)):
+            if isinstance(raw, RawSample):
+                pixels.append(embedder.clip.preprocess(decode(raw).image))
+                captions.append(raw.caption)
+    bs = embedder.batch_size
+    batches = [(torch.stack(pixels[i: i + bs]), captions[i: i + bs]) for i in range(0, len(pixels), bs)]
+    embedder.clip.embed_images(batches[0][0])  # warm-up: first-call allocations
+    embedder.clip.embed_texts(batches[0][1])
+    start = time.perf_counter()
+    for px, _ in batches:
+        embedder.clip.embed_images(px)
+    image_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _, texts in batches:
+        embedder.clip.embed_texts(texts)
+    text_s = time.perf_counter() - start
+    tokens = [int((row != 0).sum()) for row in embedder.clip.tokenizer(captions)]
+    return len(pixels) / image_s, len(captions) / text_s, tokens
+
+
+def model_stages(args) -> None:
+    """Each stage of a `--model` run alone, then the whole `shardlight run`, as ratios of the slowest stage."""
+    n = args.samples or args.shards * args.samples_per_shard
+    with tempfile.TemporaryDirectory(prefix="shardlight-bench-") as tmp:
+        tmp = Path(tmp)
+        shards = write_photo_shards(tmp / "data", n, args.shards)
+        weights = write_random_clip(args.model, tmp / f"{args.model}-random.safetensors")
+        config = write_run_config(tmp / "run.yaml", args.model, weights, args.batch_size)
+        cfg = load_config(config)
+        embedder = ShardEmbedder(cfg.clip, cfg.labels, cfg.compute)
+        workers = min(os.cpu_count() or 1, args.shards)
+        decode_one = decode_rate(shards, embedder.clip.preprocess, 1)
+        decode_all = decode_rate(shards, embedder.clip.preprocess, workers)
+        threads = torch.get_num_threads()
+        image, text, tokens = forward_rates(embedder, shards)
+        describe = ", ".join(f"{k} {v}" for k, v in embedder.describe().items() if k != "dim")
+        del embedder
+        env = bench_env(tmp)
+        prime_prefect(env)
+        wall, summary = run_shardlight(config, tmp / "data", tmp / "run-out", env)
+    both = 1 / (1 / image + 1 / text)
+    stages = {f"read+decode, {workers} workers": decode_all, "image+text forward": both}
+    slowest = min(stages, key=stages.get)
+    print(f"\n{machine()}; {args.model} random weights ({describe}, {threads} torch threads); {n} images of "
+          f"256 px in {args.shards} shards; caption tokens median {statistics.median(tokens):.0f}, max {max(tokens)}")
+    print_ratios([("read+decode, 1 worker", decode_one), (f"read+decode, {workers} workers", decode_all),
+                  ("image forward", image), ("text forward", text), ("image+text forward", both),
+                  ("shardlight run, embedding stage", summary["images_per_s"]),
+                  ("shardlight run, wall clock", summary["rows"] / wall)], "÷ slowest", base=stages[slowest])
+    print(f"slowest stage alone: {slowest}; the run's worker: {worker_line(summary)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=CONFIG_DIR / "demo.yaml")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--skip-flow", action="store_true", help="only forward and worker (no Ray/Prefect)")
+    parser.add_argument("--model", help="an open_clip architecture (e.g. ViT-B-32) with random weights: stages alone vs the run")
+    parser.add_argument("--samples", type=int, help="--model: images in all (default shards × samples-per-shard)")
+    parser.add_argument("--batch-size", type=int, default=64, help="--model: the run's and the forward's batch")
     args = parser.parse_args()
+    if args.model:
+        model_stages(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="shardlight-bench-") as tmp:
         tmp = Path(tmp)

@@ -3,7 +3,9 @@
     python bench/scale.py [--config configs/demo.yaml] [--shards 8] [--samples-per-shard 256]
 
 Prints images/s per pool size and the speed-up over one CPU worker, all measured in this run. Actor
-start-up (model load) is excluded: each measurement times `ShardPool.run` only.
+start-up (model load) is excluded: each measurement times `ShardPool.run` only. A shard that fails, or a
+pool that returns fewer shards than it was given, stops the bench with an error naming them: a rate over
+the shards that happened to finish would be a wrong number, not a slower one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ from workers.embed import ShardEmbedder  # noqa: E402
 from workers.pool import PoolPlan, ShardPool  # noqa: E402
 
 
+class IncompleteRun(RuntimeError):
+    """The pool did not finish every shard: no rate is reported for a partial run."""
+
+
+def require_complete(result, shards: list[str], plan: PoolPlan) -> None:
+    if result.failed or len(result.stats) != len(shards):
+        failed = "; ".join(f"{shard}: {reason}" for shard, reason in sorted(result.failed.items()))
+        raise IncompleteRun(f"{plan.describe()}: {len(result.stats)} of {len(shards)} shard(s) finished"
+                            + (f"; failed: {failed}" if failed else ""))
+
+
 def measure(cfg, shards: list[str], out: Path, plan: PoolPlan) -> float:
     pool = ShardPool(ShardEmbedder, (cfg.clip, cfg.labels, cfg.compute), str(out), plan, max_retries=0)
     try:
@@ -35,6 +48,7 @@ def measure(cfg, shards: list[str], out: Path, plan: PoolPlan) -> float:
         seconds = time.perf_counter() - start
     finally:
         pool.close()
+    require_complete(result, shards, plan)
     return sum(s["rows"] for s in result.stats) / seconds
 
 
@@ -60,4 +74,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except IncompleteRun as err:
+        sys.exit(f"bench/scale.py: FAILED, no result: {err}")

@@ -20,7 +20,8 @@ console = Console()
 def serve(
     out: str = typer.Argument(..., help="Output folder of a run (with OUT/index)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
-    port: int = typer.Option(1234, min=1, max=65535, help="TCP port."),
+    port: int = typer.Option(1234, min=0, max=65535, help="TCP port (0: any free port; the server's "
+                                                             "'Uvicorn running on' line names it)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SHARDLIGHT_API_KEY",
                                           help="Require this key in the X-API-Key header (or $SHARDLIGHT_API_KEY)."),
     name: Optional[str] = typer.Option(None, help="Index name for clip-retrieval clients (default: OUT's name)."),
@@ -32,7 +33,8 @@ def serve(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     needs_key = " — API key required" if api_key else ""
-    console.print(f"serving {out} on http://{host}:{port}/ (API docs at /docs){needs_key}")
+    where = f"http://{host}:{port}/" if port else f"http://{host} on a free port (named below once bound)"
+    console.print(f"serving {out} on {where} (API docs at /docs){needs_key}")
     run_server(out, host=host, port=port, api_key=api_key, index_name=name, limits=Limits(max_k=max_k))
 
 

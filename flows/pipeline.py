@@ -40,6 +40,7 @@ from shardlight.core.layout import (  # noqa: E402
     augmented_path,
     embeddings_path,
     read_stats,
+    remove_temporary,
     run_record_path,
     shard_done,  # noqa: E402
     stages_todo,  # noqa: E402
@@ -289,6 +290,8 @@ def pipeline(config: dict, wait_s: float = 0.0) -> dict:
     makedirs(cfg.output)
     with OutputLease(cfg.output, wait_s=wait_s):
         check_space(cfg.output, cfg.clip, cfg.labels)  # one output, one embedding space
+        for path in remove_temporary(cfg.output):  # left by a killed run; ours start after this
+            log.info("removed a stale temporary file: %s", path)
         record_space(cfg.output, cfg.clip, cfg.labels)
         plan = plan_shards(cfg)
         embedded, augmented = shard_stage(cfg, plan["shards"])

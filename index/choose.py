@@ -1,13 +1,19 @@
 """Pick a FAISS index type from the number of vectors, their dimension and a memory budget.
 
 The rules follow autofaiss (IVF with about 4·√n lists, an HNSW coarse quantizer for very many lists,
-OPQ+PQ when memory demands compression) with two changes that matter at this project's scale:
+OPQ+PQ when memory demands compression) with changes that the measured recall/queries-per-second curves
+(bench/index_bench.py, docs/benchmarks.md) call for at this project's scale:
 
-- compression is a last resort: uncompressed `IVF…,Flat` first, then 8-bit scalar quantisation
-  (`IVF…,SQ8`: 4× smaller, recall within a point of Flat), and only then `OPQ/IVF/PQ`, whose recall
-  against exact search tops out well below 0.95 without re-ranking;
 - exact `Flat` is kept while one exact query stays cheap (a few ms), since it needs no training,
-  no tuning and gives exact answers.
+  no tuning and gives exact answers;
+- above that, when the float vectors fit the memory budget, `IVF…,PQ{d/8}x4fs,RFlat`: inverted lists of
+  4-bit fast-scan PQ codes (a SIMD scan over 32 bytes per 512-d vector, not 2 KiB) whose top `k × r`
+  candidates are re-ranked exactly against the stored float vectors, over about √n lists. Batch search
+  over IVF,Flat is memory-bound (every probed vector is 2 KiB read from RAM); the fast-scan codes are 64× smaller and the
+  re-rank touches only `k × r` vectors, so at the same recall it answers several times more queries/s;
+- when they do not fit: 8-bit scalar quantisation (`IVF…,SQ8`: 4× smaller, recall within a point of
+  Flat), and only then `OPQ/IVF/PQ`, whose recall against exact search tops out well below 0.95 without
+  re-ranking.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ FLAT_MAX_CELLS = 32_000_000  # n·dim up to which exact search stays ~5 ms per q
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per k-means centroid
 HNSW_QUANTIZER_LISTS = 16_384  # from here on, assign to lists with an HNSW graph instead of a flat scan
 PQ_SIZES = (256, 128, 64, 32, 16, 8)  # bytes per vector tried for PQ, largest (best recall) first
+FAST_SCAN_DIMS_PER_CODE = 8  # 4-bit fast-scan PQ with one 4-bit code per 8 dimensions (64 codes at 512-d)
+# Lists for the fast-scan index: about √n, not 4·√n. Scanning a code costs ~1/64 of a float vector, so the
+# coarse quantizer (nlist·d per query) dominates and fewer, longer lists are faster at the same recall.
+FAST_SCAN_LISTS_PER_ROOT = 1
 
 
 @dataclass
@@ -28,7 +38,8 @@ class IndexPlan:
     factory: str  # FAISS index_factory string
     reason: str  # why this type, in one line (recorded in meta.json)
     bytes_estimate: int  # memory the populated index needs
-    tune: str | None  # search parameter to tune: nprobe, efSearch, or None (exact)
+    tune: str | None  # search parameter to tune: nprobe, efSearch, or None (exact); with `…,RFlat` the
+    # re-rank depth k_factor_rf is tuned alongside it (index/tune.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,9 +53,9 @@ def default_memory_budget() -> int:
         return 8 << 30
 
 
-def num_lists(n: int) -> int:
-    """A power of two near 4·√n, with enough points per list to train k-means."""
-    target = 4 * n ** 0.5
+def num_lists(n: int, per_root: float = 4) -> int:
+    """A power of two near `per_root`·√n, with enough points per list to train k-means."""
+    target = per_root * n ** 0.5
     nlist = 1 << max(0, round(target).bit_length() - 1)
     if nlist * 1.5 < target:
         nlist *= 2
@@ -66,6 +77,11 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPla
     nlist = num_lists(n)
     ivf = _ivf(nlist)
     overhead = nlist * dim * 4 + n * 8  # centroids + stored ids
+    codes, fs_lists = fast_scan_codes(dim), num_lists(n, FAST_SCAN_LISTS_PER_ROOT)
+    rerank_bytes = flat_bytes + n * codes // 2 + fs_lists * dim * 4 + n * 8  # floats + 4-bit codes + centroids + ids
+    if codes and rerank_bytes <= budget:
+        return IndexPlan(f"{_ivf(fs_lists)},PQ{codes}x4fs,RFlat", f"{n} vectors: 4-bit fast-scan inverted lists, "
+                         "re-ranked exactly from the float vectors, which fit the budget", rerank_bytes, "nprobe")
     if flat_bytes + overhead <= budget:
         return IndexPlan(f"{ivf},Flat", f"{n} vectors: inverted lists over uncompressed vectors fit the budget",
                          flat_bytes + overhead, "nprobe")
@@ -82,6 +98,12 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPla
                              f"{_gib(budget)} budget: product quantisation, {m} bytes per vector", pq_bytes, "nprobe")
     raise IndexStateError(f"{n} vectors of dimension {dim} cannot fit a {_gib(budget)} memory budget "
                           "(even 8-byte PQ codes do not); raise the budget or shard the index")
+
+
+def fast_scan_codes(dim: int) -> int:
+    """Number of 4-bit PQ codes per vector for the fast-scan index (0: the dimension does not split evenly)."""
+    m = dim // FAST_SCAN_DIMS_PER_CODE
+    return m if m >= 2 and m % 2 == 0 and m * FAST_SCAN_DIMS_PER_CODE == dim else 0
 
 
 def tune_parameter(factory: str) -> str | None:

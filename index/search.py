@@ -284,7 +284,10 @@ def _unknown_label(label: str, known: list[str]) -> str:
 
 
 def _enable_reconstruct(index: faiss.Index) -> None:
-    """IVF indexes reconstruct by id only with a direct map (8 bytes per vector)."""
+    """IVF indexes reconstruct by id only with a direct map (8 bytes per vector); a re-ranking index
+    reconstructs from the float vectors it keeps."""
+    if isinstance(index, faiss.IndexRefine):
+        return
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -308,7 +311,9 @@ class _FilteredSearch:
         self.bits = np.packbits(mask, bitorder="little")  # the selector reads this buffer: keep it alive
         self.selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(self.bits))
         self.size = len(mask)
-        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+        refine = index if isinstance(index, faiss.IndexRefine) else None  # `…,RFlat`: the filter goes to its base
+        base = faiss.downcast_index(refine.base_index) if refine is not None else index
+        inner = faiss.downcast_index(base.index) if isinstance(base, faiss.IndexPreTransform) else base
         self.ivf = inner if isinstance(inner, faiss.IndexIVF) else None
         if self.ivf is not None:
             self.inner = faiss.SearchParametersIVF(sel=self.selector, nprobe=self.ivf.nprobe)
@@ -317,8 +322,11 @@ class _FilteredSearch:
         else:
             self.inner = faiss.SearchParameters(sel=self.selector)
         self.params = self.inner
-        if inner is not index:
+        if inner is not base:
             self.params = faiss.SearchParametersPreTransform(index_params=self.inner)
+        if refine is not None:
+            self.base_params = self.params  # the refine parameters point at it: keep it alive
+            self.params = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=self.params)
 
     def widen(self) -> bool:
         """Search more lists / graph nodes; False when the search already covers everything."""

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index.tune import set_search_parameter
+from index.tune import apply_tuning
 from shardlight.core.errors import IndexStateError
 from shardlight.core.schema import write_table
 from shardlight.core.storage import exists, filesystem, is_local, join, local_path, open_read, read_bytes, write_atomic
@@ -83,6 +83,5 @@ def load_index(out: str) -> tuple[faiss.Index, pa.Table, dict]:
         ids = pq.read_table(f)
     if index.ntotal != meta["count"] or ids.num_rows != meta["count"]:
         raise IndexStateError(f"index under {folder} is inconsistent; rebuild it with `shardlight index {out}`")
-    tuning = meta.get("tuning") or {}
-    set_search_parameter(index, tuning.get("param"), tuning.get("value"))
+    apply_tuning(index, meta.get("tuning") or {})
     return index, ids, meta

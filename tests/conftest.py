@@ -14,7 +14,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import io  # noqa: E402
 import random  # noqa: E402
-import socket  # noqa: E402
 import tarfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -47,7 +46,8 @@ def make_samples(n: int, seed: int, prefix: str) -> list[dict]:
 
 def write_damaged_shards(root: Path, seed: int = 3) -> dict:
     """Four shards under root/data: 00000 healthy (6 samples); 00001 with a corrupt JPEG (b0001) and a
-    caption-less sample (b0002) among 6; 00002 zero bytes; 00003 a tar cut in half."""
+    caption-less sample (b0002) among 6; 00002 zero bytes; 00003 eight samples cut inside c0005.jpg's data
+    (c0000..c0004 whole, c0005's header present)."""
     data = root / "data"
     data.mkdir(parents=True)
     write_shards(data, shards=1, samples_per_shard=6, seed=seed)
@@ -57,20 +57,40 @@ def write_damaged_shards(root: Path, seed: int = 3) -> dict:
     planted[2]["json"] = b'{"url": "http://example.com/b0002.jpg", "status": "success"}'
     write_tar(data / "00001.tar", planted)
     (data / "00002.tar").write_bytes(b"")
-    full = write_tar(root / "full.tar", make_samples(8, seed=seed + 2, prefix="c")).read_bytes()
-    (data / "00003.tar").write_bytes(full[: len(full) // 2])
+    full = write_tar(root / "full.tar", make_samples(8, seed=seed + 2, prefix="c"))
+    with tarfile.open(full) as tar:
+        cut = tar.getmember("c0005.jpg")
+    (data / "00003.tar").write_bytes(full.read_bytes()[: cut.offset_data + cut.size // 2])  # inside c0005.jpg
     return {"dir": data, "corrupt_key": "b0001", "no_caption_key": "b0002"}
+
+
+# What an independent reader (plain tarfile, not the pipeline's ShardReader) sees in each damaged shard:
+# sample keys whose first member header is present, and how many of them the pipeline must drop.
+DAMAGED_KEYS = {"00000": 6, "00001": 6, "00002": 0, "00003": 6}
+DAMAGED_DROPPED = {"00000": 0, "00001": 1, "00002": 0, "00003": 1}  # b0001 corrupt; c0005 cut by truncation
+
+
+def tar_keys(path: str | Path) -> list[str]:
+    """Sample keys in a tar in order of first appearance, read with tarfile alone and tolerating damage.
+
+    A key counts once any member header of it is present, even if the truncation cut that member's data:
+    the test oracle for "samples read", independent of workers.reader.
+    """
+    keys: list[str] = []
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for info in tar:
+                key = info.name.rsplit("/", 1)[-1].split(".", 1)[0]
+                if info.isreg() and key not in keys:
+                    keys.append(key)
+    except (tarfile.TarError, EOFError, OSError):
+        pass  # empty or truncated: the keys seen so far are the answer
+    return keys
 
 
 @pytest.fixture
 def damaged_shards(tmp_path: Path) -> dict:
     return write_damaged_shards(tmp_path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,16 @@ from shardlight.core.layout import STATS_KEY, run_record_path  # noqa: E402
 from shardlight.core.schema import Row, rows_table, write_table  # noqa: E402
 
 
-def clustered(n: int, dim: int = 32, clusters: int = 20, spread: float = 0.25, seed: int = 0) -> np.ndarray:
-    """Unit vectors around random cluster centres: the shape of real embedding sets."""
+def clustered(n: int, dim: int = 32, clusters: int = 20, spread: float = 0.25, seed: int = 0,
+              fresh: int | None = None) -> np.ndarray:
+    """Unit vectors around random cluster centres: the shape of real embedding sets.
+
+    `fresh`: new points around the same centres as `seed`'s (queries from the data's distribution).
+    """
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    if fresh is not None:
+        rng = np.random.default_rng([seed, fresh])
     x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -68,24 +74,24 @@ def make_real_run(root: Path, shards: int = 2, samples_per_shard: int = 24) -> P
 
 @contextlib.contextmanager
 def running_server(app, timeout: float = 30.0):
-    """Run `app` on a free loopback port with the real uvicorn server; yields its base URL."""
-    import socket
+    """Run `app` with the real uvicorn server on loopback; yields its base URL.
+
+    The server binds port 0 and the URL names the port it got: no probe-then-reuse race with other processes.
+    """
     import threading
     import time
 
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

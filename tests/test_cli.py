@@ -1,18 +1,20 @@
 """The console script as a user runs it: one-line errors, never a traceback."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARDLIGHT = str(Path(sys.executable).with_name("shardlight"))
 
 
-def run_cli(*args, cwd=None):
+def run_cli(*args, cwd=None, timeout=120):
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([SHARDLIGHT, *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+    return subprocess.run([SHARDLIGHT, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
 def assert_one_line_error(result, expected: str):
@@ -78,3 +80,45 @@ def test_version_short_help_long_k_and_defaults_that_do_not_depend_on_the_cwd():
 @pytest.mark.timeout(150)
 def test_query_needs_exactly_one_of_text_image_key_named_as_the_cli_spells_them(tmp_path):
     assert_one_line_error(run_cli("query", str(tmp_path), "--k", "3"), "give exactly one of TEXT, --image FILE or --key KEY")
+
+@pytest.mark.timeout(150)
+def test_report_and_augment_preview_need_a_run(tmp_path):
+    assert_one_line_error(run_cli("report", str(tmp_path)), "no embeddings under")
+    assert_one_line_error(run_cli("augment-preview", str(tmp_path), "--dest", str(tmp_path / "p.png")),
+                          f"no augmentations under {tmp_path}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_demo_then_report_then_augment_preview(tmp_path):
+    """The three commands a new user runs, as console scripts: the demo, then its report and preview."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from tests.conftest import tar_keys
+
+    work = tmp_path / "demo"
+    demo = run_cli("demo", "--workdir", str(work), "--shards", "1", "--samples-per-shard", "8", "-k", "3",
+                   timeout=1100)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    out = work / "out"
+    for query in ("a red circle", "a yellow star", "more like", "a red circle (generated only)"):
+        assert f"query: {query}" in demo.stdout, demo.stdout[-3000:]
+    assert f"outputs in {out}" in demo.stdout
+    keys = tar_keys(work / "data" / "00000.tar")
+    assert len(keys) == 8 and pq.read_table(out / "embeddings" / "00000.parquet").column("key").to_pylist() == keys
+    assert pq.read_metadata(out / "augmented" / "00000.parquet").num_rows > 0
+
+    report = run_cli("report", str(out))
+    assert report.returncode == 0, report.stderr
+    page = out / "report" / "index.html"
+    assert f"report: {page}" in report.stdout.replace("\n", "")
+    assert re.search(r"<th>rows</th><td>8</td>", page.read_text())
+    assert {p.name for p in (out / "report").glob("*.png")} == {"labels.png", "scores.png", "map.png"}
+
+    dest = tmp_path / "preview.png"
+    preview = run_cli("augment-preview", str(out), "--dest", str(dest), "--per-row", "4")
+    assert preview.returncode == 0, preview.stderr
+    assert f"wrote {dest}" in preview.stdout.replace("\n", "")
+    with Image.open(dest) as img:
+        assert img.format == "PNG" and img.width > 0 and np.asarray(img.convert("L")).var() > 0

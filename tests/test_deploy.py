@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from shardlight.training.synthetic import write_shards
-from tests.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -22,24 +22,45 @@ BIN = Path(sys.executable).parent
 CONFIG = "clip: {model: shapes-clip}\nlabels: {kind: vit, model: shapes-vit}\nray: {num_cpus: 2, num_actors: 1}\n"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deploy")
-    port = free_port()
+def _candidate_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_prefect_server(root: Path, port: int):
+    """Start `prefect server start` on `port`; (process, env) once healthy, None if it exited (port taken)."""
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "COLUMNS": "200"}
     proc = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 180
-    while True:
+    while proc.poll() is None and time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-                if r.read() == b"true":
-                    break
+                if r.read() == b"true" and proc.poll() is None:
+                    return proc, env
         except OSError:
             pass
-        assert time.monotonic() < deadline and proc.poll() is None, "prefect server did not start"
         time.sleep(1)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("prefect server did not become healthy in 180 s")
+    return None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    # The server cannot report a port it chose itself, so a port found free may be taken again before it
+    # binds: then it exits at once and we try another.
+    for _ in range(3):
+        started = _start_prefect_server(root, _candidate_port())
+        if started:
+            break
+    else:
+        pytest.fail("prefect server exited at start three times (ports taken?)")
+    proc, env = started
     yield root, env
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)

@@ -6,6 +6,7 @@ import pytest
 
 from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
 from shardlight.core.layout import read_stats, shard_done
+from tests.conftest import tar_keys
 from workers.embed import ShardEmbedder
 
 
@@ -20,7 +21,8 @@ def test_rows_and_errors_reconcile_on_a_damaged_shard(embedder, damaged_shards, 
     stats = embedder.process(str(damaged_shards["dir"] / "00001.tar"), out)
     table = pq.read_table(f"{out}/embeddings/00001.parquet")
     errors = pq.read_table(f"{out}/errors/00001.parquet").to_pylist()
-    assert stats["samples_read"] == 6 and stats["rows"] == 5 and stats["errors"] == 1
+    assert stats["samples_read"] == len(tar_keys(damaged_shards["dir"] / "00001.tar")) == 6
+    assert stats["rows"] == 5 and stats["errors"] == 1
     assert table.num_rows + sum(e["dropped"] for e in errors) == stats["samples_read"]
     assert [e["key"] for e in errors if e["dropped"]] == [damaged_shards["corrupt_key"]]
     row = table.to_pylist()[table.column("key").to_pylist().index(damaged_shards["no_caption_key"])]
@@ -52,10 +54,15 @@ def test_empty_and_truncated_shards_still_write_outputs(embedder, damaged_shards
     empty = embedder.process(str(damaged_shards["dir"] / "00002.tar"), out)
     assert empty["rows"] == 0 and empty["problem"] == "empty shard (no tar members)"
     assert pq.read_table(f"{out}/embeddings/00002.parquet").num_rows == 0
-    cut = embedder.process(str(damaged_shards["dir"] / "00003.tar"), out)
-    assert cut["problem"].startswith("truncated shard") and cut["rows"] > 0
-    shard_errors = [e for e in pq.read_table(f"{out}/errors/00003.parquet").to_pylist() if e["stage"] == "shard"]
-    assert len(shard_errors) == 1 and not shard_errors[0]["dropped"]
+    cut_url = str(damaged_shards["dir"] / "00003.tar")
+    cut = embedder.process(cut_url, out)
+    keys = tar_keys(cut_url)  # c0000..c0005: c0005.jpg's header survived the cut, its data did not
+    assert cut["problem"].startswith("truncated shard") and cut["samples_read"] == len(keys) == 6
+    assert (cut["rows"], cut["errors"]) == (5, 1)
+    rows = pq.read_table(f"{out}/embeddings/00003.parquet").column("key").to_pylist()
+    errors = pq.read_table(f"{out}/errors/00003.parquet").to_pylist()
+    assert rows == keys[:5]
+    assert [(e["key"], e["stage"], e["dropped"]) for e in errors] == [("c0005", "read", True), (None, "shard", False)]
 
 
 def test_same_shard_gives_identical_output(embedder, damaged_shards, tmp_path):

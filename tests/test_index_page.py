@@ -79,10 +79,27 @@ class Browser:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site_and_out(tmp_path_factory):
     out = make_real_run(tmp_path_factory.mktemp("index-page"), shards=1, samples_per_shard=24)
     with running_server(create_app(str(out), ServerSettings(), warm=False)) as url:
-        yield url
+        yield url, out
+
+
+@pytest.fixture(scope="module")
+def site(site_and_out):
+    return site_and_out[0]
+
+
+def image_bytes_of(searcher, key: str) -> bytes:
+    """The key's image member, read from its source tar with tarfile."""
+    import tarfile
+
+    from shardlight.core.layout import embeddings_path, read_stats
+
+    shard = searcher.shards[searcher.id_of_key(key)]
+    with tarfile.open(read_stats(embeddings_path(searcher.out, shard))["url"]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.startswith(key + ".") and m.name.endswith(".jpg"))
+        return tar.extractfile(member).read()
 
 
 @pytest.fixture
@@ -102,9 +119,9 @@ def test_text_search_shows_thumbnails_and_more_like_this(site, browser):
     browser.call("Page.navigate", url=site + "/")
     browser.wait_for("document.readyState === 'complete' && !!document.getElementById('q')")
     browser.js("document.getElementById('q').value = 'a red circle'; document.getElementById('go').click(); true")
-    assert browser.wait_for(LOADED_THUMBS) >= 1
-    cards = browser.js("document.querySelectorAll('#results .card').length")
+    cards = browser.wait_for("document.querySelectorAll('#results .card').length")
     assert cards == 24  # the page asks for 24 by default; the index holds 24
+    assert browser.wait_for(f"{LOADED_THUMBS} === 24", timeout=120)  # every thumbnail, not just one
     status = browser.js("document.getElementById('status').textContent")
     assert "results for" in status and "a red circle" in status
     first = browser.js("document.querySelector('#results .card').dataset.key")
@@ -116,4 +133,26 @@ def test_text_search_shows_thumbnails_and_more_like_this(site, browser):
     browser.wait_for(f"document.getElementById('status').textContent.includes('results for more like {second}')")
     assert browser.js("document.querySelector('#results .card').dataset.key") == second
     assert browser.js("document.querySelector('#results .card .score').textContent") == "1.000"
-    assert browser.wait_for(LOADED_THUMBS) >= 1
+    assert browser.wait_for(f"{LOADED_THUMBS} === 24", timeout=120)
+
+
+@pytest.mark.timeout(180)
+def test_dropping_an_image_file_searches_by_it(site_and_out, browser, tmp_path):
+    """A real drag-and-drop of a file onto the page (DevTools Input.dispatchDragEvent): that image comes first."""
+    from index.search import Searcher
+
+    url, out = site_and_out
+    searcher = Searcher(out)
+    key = searcher.keys[5]
+    image = tmp_path / "dropped.jpg"
+    image.write_bytes(image_bytes_of(searcher, key))
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=url + "/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('q')")
+    data = {"items": [], "files": [str(image)], "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        browser.call("Input.dispatchDragEvent", type=kind, x=200, y=200, data=data)
+    browser.wait_for("document.getElementById('status').textContent.includes('results for image dropped.jpg')")
+    assert browser.js("document.querySelector('#results .card').dataset.key") == key
+    assert browser.js("document.querySelector('#results .card .score').textContent") == "1.000"
+    assert browser.wait_for(f"{LOADED_THUMBS} === 24", timeout=120)

@@ -152,6 +152,48 @@ def test_clip_client_style_knn_request_without_content_type(url, searcher):
     assert by_embedding[0]["id"] == 0 and by_embedding[0]["key"] == searcher.keys[0]
 
 
+def _row_of(run_out, key) -> dict:
+    """The key's row read straight from the Parquet (the oracle for what the service returns)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run_out / "embeddings", columns=["key", "caption", "url"])
+    return next(r for r in table.to_pylist() if r["key"] == key)
+
+
+def _knn(url, **body):
+    payload = {"indice_name": "demo", "modality": "image", "num_images": 4, "deduplicate": False, **body}
+    return requests.post(f"{url}/knn-service", data=json.dumps(payload), timeout=60)
+
+
+@pytest.mark.timeout(120)
+def test_knn_service_by_base64_image_returns_what_clip_client_reads(url, searcher, run_out):
+    """ClipClient sends a local image file as base64 `image` and reads id, similarity, url and caption."""
+    key = searcher.keys[7]
+    r = _knn(url, image=base64.b64encode(_tar_member(searcher, key)).decode())
+    assert r.status_code == 200, r.text
+    results = r.json()
+    assert len(results) == 4 and results[0]["key"] == key
+    assert results[0]["similarity"] == pytest.approx(1.0, abs=1e-3)  # its own stored image
+    by_vector = searcher.search(vector=searcher.vector_of_key(key), k=4)
+    for got, want in zip(results, by_vector):
+        row = _row_of(run_out, got["key"])
+        assert got["id"] == searcher.id_of_key(got["key"]) and isinstance(got["id"], int)
+        assert got["url"] == row["url"] and got["caption"] == row["caption"] and got["url"]
+        assert got["key"] == want.key and got["similarity"] == pytest.approx(want.score, abs=1e-3)
+    assert [h["similarity"] for h in results] == sorted((h["similarity"] for h in results), reverse=True)
+    metadata = requests.post(f"{url}/metadata", data=json.dumps({"ids": [results[0]["id"]], "indice_name": "demo"}),
+                             timeout=30).json()
+    assert metadata[0]["metadata"]["caption"] == results[0]["caption"]  # the id leads back to the same row
+
+
+@pytest.mark.timeout(60)
+def test_knn_service_image_url_is_refused_clearly(url):
+    """ClipClient sends an http(s) `image` as `image_url`; this server fetches no URLs and says so."""
+    r = _knn(url, image_url="http://example.com/cat.jpg")
+    assert r.status_code == 400
+    assert "image_url is not supported (the server fetches no URLs); send the image base64" in r.json()["detail"]
+
+
 @pytest.mark.timeout(60)
 def test_clip_back_indices_and_metadata(url, searcher):
     assert requests.post(f"{url}/indices-list", timeout=30).json() == ["demo"]
@@ -194,3 +236,42 @@ def test_docs_page_and_metrics(url):
     metrics = requests.get(f"{url}/metrics", timeout=30).text
     assert 'shardlight_requests_total{route="/search",method="GET",status="200"}' in metrics
     assert "shardlight_request_seconds_bucket" in metrics and "shardlight_index_vectors 32" in metrics
+
+
+@pytest.mark.timeout(180)
+def test_serve_command_binds_a_free_port_reports_it_and_refuses_requests_without_the_key(run_out):
+    """`shardlight serve OUT --port 0 --api-key K` as a user runs it: the port it names answers, keyed."""
+    import queue
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    shardlight = str(Path(sys.executable).with_name("shardlight"))
+    proc = subprocess.Popen([shardlight, "serve", str(run_out), "--port", "0", "--api-key", "s3cret"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen = []
+    try:
+        while not (bound := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", "".join(seen))):
+            seen.append(lines.get(timeout=120))  # a timeout here fails the test with queue.Empty
+        base = f"http://127.0.0.1:{bound.group(1)}"
+        assert "API key required" in "".join(seen)
+        refused = requests.get(f"{base}/search", params={"text": "a red circle"}, timeout=30)
+        assert refused.status_code == 401 and "X-API-Key" in refused.json()["detail"]
+        assert requests.post(f"{base}/knn-service", data="{}", timeout=30).status_code == 401
+        ok = requests.get(f"{base}/search", params={"text": "a red circle", "k": 3}, headers={"X-API-Key": "s3cret"},
+                          timeout=60)
+        assert ok.status_code == 200 and len(ok.json()["results"]) == 3
+        assert requests.get(f"{base}/health", timeout=30).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down cleanly
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,10 +1,11 @@
 import gzip
 import io
+import tarfile
 
 from PIL import Image
 
 from shardlight.core.schema import SampleError
-from tests.conftest import make_samples, write_tar
+from tests.conftest import make_samples, tar_keys, write_tar
 from workers.reader import RawSample, ShardReader, decode
 
 
@@ -86,7 +87,24 @@ def test_empty_and_truncated_shards_are_described_not_raised(tmp_path):
 
     full = write_tar(tmp_path / "full.tar", make_samples(6, seed=7, prefix="t")).read_bytes()
     cut = tmp_path / "00001.tar"
-    cut.write_bytes(full[: len(full) // 2])
+    cut.write_bytes(full[: len(full) // 2])  # on a header boundary: t0003's json is never seen
     reader, items = _read(cut)
-    assert reader.problem.startswith("truncated shard after")
-    assert 1 <= len(items) < 6
+    assert reader.problem.startswith("truncated shard after 11 members")
+    assert tar_keys(cut) == ["t0000", "t0001", "t0002", "t0003"]
+    assert [(type(s).__name__, s.key) for s in items] == [("RawSample", f"t000{i}") for i in range(4)]
+
+
+def test_sample_cut_inside_its_data_is_an_error_record(tmp_path):
+    """The truncation cuts t0004.jpg's data after its header: tarfile lists the key, so the reader names it."""
+    full = write_tar(tmp_path / "full.tar", make_samples(6, seed=7, prefix="t"))
+    with tarfile.open(full) as tar:
+        member = tar.getmember("t0004.jpg")
+    cut = tmp_path / "00001.tar"
+    cut.write_bytes(full.read_bytes()[: member.offset_data + member.size // 2])
+    reader, items = _read(cut)
+    assert tar_keys(cut) == [f"t000{i}" for i in range(5)]
+    assert [s.key for s in items] == tar_keys(cut)  # every key the tar shows, in order
+    assert all(isinstance(s, RawSample) for s in items[:4])
+    assert isinstance(items[4], SampleError) and items[4].dropped and items[4].stage == "read"
+    assert "cut off by the truncation: member t0004.jpg is incomplete" in items[4].reason
+    assert reader.problem.startswith("truncated shard after 12 members")

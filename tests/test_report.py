@@ -9,6 +9,7 @@ import os
 import re
 import tarfile
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -217,6 +218,89 @@ def test_report_shows_augmentations_and_duplicates(small_run):
     assert text.count("data:image/jpeg;base64,") >= 19 + 6
     for png in png_paths(page):
         assert_png_ok(png)
+
+
+@pytest.fixture()
+def drawn(monkeypatch) -> dict:
+    """The matplotlib figures behind each PNG the report writes, by file name, kept open for inspection."""
+    from flows.report import plots
+
+    figures, png = {}, plots._png
+    titles = {"label distribution": "labels.png", "image-text agreement": "scores.png", "image embeddings": "map.png"}
+
+    def keep(fig):
+        title = fig.axes[0].get_title()
+        figures[next(name for prefix, name in titles.items() if title.startswith(prefix))] = fig
+        return png(fig)
+
+    monkeypatch.setattr(plots, "_png", keep)
+    return figures
+
+
+def _parquet_rows(out: Path) -> tuple[pa.Table, pa.Table]:
+    real = pa.concat_tables([pq.read_table(p) for p in sorted((out / "embeddings").glob("*.parquet"))])
+    return real, pq.read_table(out / "augmented" / "00000.parquet")
+
+
+def test_plots_draw_the_parquet_data(small_run, drawn):
+    """The bars, histogram and map points drawn are the Parquet's labels, scores and (PCA of) embeddings."""
+    add_augmentations(small_run)
+    build_report(str(small_run))
+    real, synth = _parquet_rows(small_run)
+    real_labels, synth_labels = Counter(real.column("label").to_pylist()), Counter(synth.column("label").to_pylist())
+
+    ax = drawn["labels.png"].axes[0]
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    assert sorted(names) == sorted(real_labels | synth_labels)  # every label, none invented
+    real_bars, synth_bars = ax.containers
+    assert [b.get_width() for b in real_bars] == [real_labels[n] for n in names]
+    assert [b.get_width() for b in synth_bars] == [synth_labels[n] for n in names]
+
+    scores = np.array([x for x in real.column("clip_score").to_pylist() if x is not None])
+    bars = drawn["scores.png"].axes[0].patches
+    assert sum(b.get_height() for b in bars) == len(scores) == 19
+    for b in bars:  # each bar counts exactly the scores inside it
+        inside = (scores >= b.get_x()) & (scores < b.get_x() + b.get_width())
+        assert b.get_height() == inside.sum(), (b.get_x(), b.get_width())
+
+    vectors = np.concatenate([np.stack(t.column("image_embedding").to_numpy(zero_copy_only=False))
+                              for t in (real, synth)]).astype(np.float64)
+    tags = [(label, False) for label in real.column("label").to_pylist()]
+    tags += [(label, True) for label in synth.column("label").to_pylist()]
+    centred = vectors - vectors.mean(axis=0)
+    expected = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # PCA, computed here
+    got = _map_points(drawn["map.png"].axes[0])
+    want = _points_by_tag(expected * _signs(expected, drawn["map.png"].axes[0]), tags)
+    assert set(got) == set(want) and sum(map(len, got.values())) == 19 + 6
+    for tag, points in want.items():
+        np.testing.assert_allclose(got[tag], points, atol=1e-4, err_msg=str(tag))
+
+
+def _map_points(ax) -> dict:
+    """{(label, synthetic): sorted points} as drawn: a label's scatter, then its synthetic crosses if any."""
+    points, name = {}, None
+    for c in ax.collections:
+        xy = np.asarray(c.get_offsets(), np.float64)
+        if not len(xy):
+            continue  # the legend's empty "synthetic (x)" entry
+        synthetic = c.get_label().startswith("_")
+        name = name if synthetic else c.get_label()
+        points[(name, synthetic)] = sorted(map(tuple, xy.round(6)))
+    return points
+
+
+def _points_by_tag(xy: np.ndarray, tags: list) -> dict:
+    grouped: dict = {}
+    for point, tag in zip(xy, tags):
+        grouped.setdefault(tag, []).append(tuple(point.round(6)))
+    return {tag: sorted(v) for tag, v in grouped.items()}
+
+
+def _signs(expected: np.ndarray, ax) -> np.ndarray:
+    """PCA axes are defined up to sign: take each axis's sign from the drawn points' spread."""
+    drawn_xy = np.concatenate([np.asarray(c.get_offsets()) for c in ax.collections if len(c.get_offsets())])
+    skew = lambda v: float(((v - v.mean()) ** 3).sum())  # noqa: E731  sign-sensitive, order-free
+    return np.array([np.sign(skew(drawn_xy[:, j]) * skew(expected[:, j])) or 1.0 for j in range(2)])
 
 
 def test_report_without_labels_or_scores(tmp_path):

@@ -4,8 +4,6 @@ import os
 
 import pytest
 
-from tests.conftest import free_port
-
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
@@ -13,9 +11,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def s3(tmp_path_factory):
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)  # the OS picks a free port: no race
     server.start()
+    port = server.get_host_and_port()[1]
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     old = {k: os.environ.get(k) for k in env}

@@ -1,16 +1,15 @@
-"""The per-shard worker: decode in a background thread, embed with CLIP, label, write Parquet.
+"""The per-shard worker: decode in parallel (workers/decode.py), embed with CLIP, label, write Parquet.
 
-`ShardEmbedder` loads its models once and then turns one shard into one embeddings file and one errors
-file. The embeddings file is written last and is the shard's "done" marker.
+`ShardEmbedder` loads its models once, sets torch's threads from the CPUs it holds (workers/cpus.py), and
+then turns one shard into one embeddings file and one errors file. Its decoder hands it fixed-size uint8
+batches in shard order, with the error records of the samples in between; the embeddings file is written
+last and is the shard's "done" marker.
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import threading
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -21,9 +20,12 @@ from shardlight.core.schema import Row, SampleError, errors_table, rows_table, w
 from shardlight.models.clip import ClipEmbedder
 from shardlight.models.device import pick_batch_size, pick_device, pick_dtype
 from shardlight.models.labelers import build_labeler
-from workers.reader import DecodedSample, ShardReader, decode
-
-_DONE = object()
+from workers.cpus import apply_threads, held_cpus, model_threads
+from workers.decode import DecodedBatch, DecodeSpecs
+from workers.decoders import make_decoder
+from workers.reader import DecodedSample, ShardReader
+from workers.reader_process import ReaderProcess
+from workers.text import TextPool, text_processes
 
 
 class ShardEmbedder:
@@ -31,25 +33,55 @@ class ShardEmbedder:
 
     def __init__(self, clip: ClipSpec, labels: LabelSpec, compute: ComputeSpec):
         self.device = pick_device(compute.device)
-        self.dtype = pick_dtype(self.device, compute.precision)
+        self.cpus = held_cpus()
+        self.threads = model_threads(compute, self.device, self.cpus)
+        apply_threads(self.threads)
         self.batch_size = pick_batch_size(self.device, compute.batch_size)
-        self.prefetch = compute.prefetch_batches
-        self.clip = ClipEmbedder(clip, self.device, self.dtype)
+        self.clip = ClipEmbedder(clip, self.device)
+        params = sum(p.numel() for p in self.clip.model.parameters())
+        self.dtype = self.clip.dtype = pick_dtype(self.device, compute.precision, params)
         self.labeler = build_labeler(labels, self.device, self.dtype, self.clip)
         self.top_k = labels.top_k
+        self.decoder = make_decoder(compute, self.device, self._specs(compute), self.cpus, self.batch_size)
+        processes = text_processes(self.device.type, self.cpus)
+        self.text = TextPool(clip.model, processes) if processes else None
+        # Where captions are tokenised in helper processes (a GPU worker with CPUs to spare), the shard is
+        # read in one too: this process then only feeds the GPU (docs/operations.md, "GPU decoding").
+        self.reading = ReaderProcess() if processes else None
+
+    def _specs(self, compute: ComputeSpec) -> DecodeSpecs:
+        """uint8 pixel specs where the models' transforms split; their own transforms otherwise."""
+        label = None
+        if self.labeler is not None and not self.labeler.uses_clip_pixels:
+            label = self.labeler.pixel_spec or self.labeler.transform
+        return DecodeSpecs(self.clip.pixel_spec or self.clip.preprocess, label, draft=compute.jpeg_draft)
 
     def describe(self) -> dict:
         return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "batch_size": self.batch_size, "dim": self.clip.dim}
+                "batch_size": self.batch_size, "dim": self.clip.dim, "cpus": self.cpus,
+                "threads": torch.get_num_threads(), "text_real_length": self.clip.cuts_text,
+                "text_processes": self.text.processes if self.text else 0,
+                **self.decoder.describe()}
+
+    def close(self) -> None:
+        self.decoder.close()
+        for helper in (self.text, self.reading):
+            if helper:
+                helper.close()
 
     def process(self, shard_url: str, out: str) -> dict:
         """Embed one shard and write its outputs; returns the shard's stats."""
         start = time.perf_counter()
-        reader = ShardReader(shard_url)
+        reader = self.reading.open(shard_url) if self.reading else ShardReader(shard_url)
         errors: list[SampleError] = []
         rows: list[Row] = []
-        for batch in self._batches(reader, errors):
-            self._compute(batch, rows)
+        fallbacks = self._fallbacks()
+        batches = self.decoder.batches(reader)
+        with_tokens = self.text.ahead(batches, _captions) if self.text else ((b, None) for b in batches)
+        for batch, tokens in with_tokens:
+            errors.extend(batch.errors)
+            if batch.samples:
+                self._compute(batch, rows, tokens)
         if reader.problem:
             errors.append(SampleError(None, reader.name, "shard", reader.problem, dropped=False))
         dropped = sum(e.dropped for e in errors)
@@ -57,6 +89,7 @@ class ShardEmbedder:
             "shard": reader.name, "url": shard_url, "samples_read": len(rows) + dropped, "rows": len(rows),
             "errors": dropped, "notes": len(errors) - dropped, "problem": reader.problem,
             "no_caption": sum(r.caption is None for r in rows),
+            "decode_fallbacks": self._fallbacks() - fallbacks,
             "seconds": round(time.perf_counter() - start, 3),
         }
         stats["images_per_s"] = round(len(rows) / max(stats["seconds"], 1e-9), 2)
@@ -65,61 +98,33 @@ class ShardEmbedder:
         write_table(embeddings_path(out, reader.name), table, {STATS_KEY: json.dumps(stats).encode()})
         return stats
 
+    def _fallbacks(self) -> int:
+        """Images the GPU decoder handed to the CPU so far (0 for the CPU decoder)."""
+        return getattr(self.decoder, "stats", {}).get("fallbacks", 0)
+
     def _prepare(self, sample: DecodedSample) -> tuple:
+        """One decoded image through the models' own PIL transforms (float tensors): for benchmarks that
+        time the models alone."""
         clip_px = self.clip.preprocess(sample.image)
         label_px = None
         if self.labeler is not None and not self.labeler.uses_clip_pixels:
             label_px = self.labeler.transform(sample.image)
         return sample, clip_px, label_px
 
-    def _batches(self, reader: ShardReader, errors: list) -> Iterator[list]:
-        """Decode and preprocess on a thread, so decoding overlaps the model's forward pass."""
-        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
-
-        def produce() -> None:
-            batch: list = []
-            try:
-                for item in reader:
-                    if isinstance(item, SampleError):
-                        errors.append(item)
-                        continue
-                    if item.metadata_error:
-                        errors.append(SampleError(item.key, item.shard, "metadata", item.metadata_error, False))
-                    decoded = decode(item)
-                    if isinstance(decoded, SampleError):
-                        errors.append(decoded)
-                        continue
-                    batch.append(self._prepare(decoded))
-                    if len(batch) == self.batch_size:
-                        ready.put(batch)
-                        batch = []
-                if batch:
-                    ready.put(batch)
-                ready.put(_DONE)
-            except BaseException as err:  # re-raised on the consuming thread
-                ready.put(err)
-
-        thread = threading.Thread(target=produce, name=f"decode-{reader.name}", daemon=True)
-        thread.start()
-        while (item := ready.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        thread.join()
-
-    def _compute(self, batch: list, rows: list[Row]) -> None:
-        samples = [s for s, _, _ in batch]
-        image_emb = self.clip.embed_images(torch.stack([px for _, px, _ in batch]))
+    def _compute(self, batch: DecodedBatch, rows: list[Row], tokens=None) -> None:
+        """Embed and label one batch; `tokens`: its captions already tokenised (by the TextPool)."""
+        samples = batch.samples
+        image_emb = self.clip.embed_images(batch.clip)
         captions = [s.raw.caption for s in samples]
         with_text = [i for i, c in enumerate(captions) if c is not None]
         text_emb = np.zeros_like(image_emb)
         if with_text:
-            text_emb[with_text] = self.clip.embed_texts([captions[i] for i in with_text])
+            text_emb[with_text] = self.clip.embed_tokens(tokens) if tokens is not None \
+                else self.clip.embed_texts([captions[i] for i in with_text])
         scores = (image_emb * text_emb).sum(axis=1)
         labels = None
         if self.labeler is not None:
-            label_px = None if self.labeler.uses_clip_pixels else torch.stack([px for _, _, px in batch])
-            labels = self.labeler(label_px, image_emb)
+            labels = self.labeler(batch.label, image_emb)
         for i, s in enumerate(samples):
             raw = s.raw
             rows.append(Row(
@@ -131,3 +136,6 @@ class ShardEmbedder:
                 clip_score=float(scores[i]) if raw.caption is not None else None,
                 meta=raw.meta, **(labels.row(i) if labels else {})))
 
+
+def _captions(batch: DecodedBatch) -> list[str]:
+    return [m.raw.caption for m in batch.samples if m.raw.caption is not None]

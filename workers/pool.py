@@ -9,6 +9,7 @@ writing the shard's outputs itself and returning only small stats. Any class wit
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import Counter, deque
@@ -86,22 +87,49 @@ class PoolPlan:
 
 
 def plan_pool(cfg: RunConfig, shards: int) -> PoolPlan:
-    """One actor per GPU when the cluster has GPUs; otherwise one CPU actor per two CPUs."""
+    """One actor per GPU when the cluster has GPUs; otherwise CPU actors of two CPUs each (`cpu_share`).
+
+    With `ray.cpus_per_actor` unset an actor asks Ray for the CPUs it will really use (it sets its torch
+    threads and decode workers from that share), so Ray's accounting is what keeps several actors on one
+    node from oversubscribing it.
+    """
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
     use_gpu = gpus > 0 and cfg.compute.device != "cpu" and cfg.ray.gpus_per_actor > 0
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if use_gpu:
         wanted = cfg.ray.num_actors or max(1, int(gpus / cfg.ray.gpus_per_actor))
         gpu_each = cfg.ray.gpus_per_actor
+        cpu_each = cfg.ray.cpus_per_actor or gpu_share(nodes, gpu_each)
     else:
-        wanted = cfg.ray.num_actors or max(1, int(cpus // 2))
-        gpu_each = 0.0
+        auto_actors, auto_cpus = cpu_share([int(n.get("CPU", 0)) for n in nodes])
+        wanted = cfg.ray.num_actors or (max(1, int(cpus // 2)) if cfg.ray.cpus_per_actor else auto_actors)
+        if cfg.ray.num_actors and not cfg.ray.cpus_per_actor:  # as many actors as asked, sharing the CPUs
+            auto_cpus = min(auto_cpus, max(cpus / cfg.ray.num_actors, 0.01))
+        gpu_each, cpu_each = 0.0, cfg.ray.cpus_per_actor or auto_cpus
     if cfg.ray.num_actors is None:
         wanted = max(wanted, cfg.ray.min_actors)
         wanted = min(wanted, cfg.ray.max_actors or wanted)
     actors = max(1, min(wanted, shards))
-    return PoolPlan(actors=actors, num_cpus=cfg.ray.cpus_per_actor + cfg.ray.decode_cpus, num_gpus=gpu_each,
+    return PoolPlan(actors=actors, num_cpus=cpu_each + cfg.ray.decode_cpus, num_gpus=gpu_each,
                     min_ready=min(cfg.ray.min_actors, actors))
+
+
+def cpu_share(node_cpus: list[int]) -> tuple[int, int]:
+    """(actors, CPUs each) for CPU actors: two CPUs each (one on 1-CPU nodes); a lone node's odd CPU goes
+    to its actors (3 CPUs: one actor with three)."""
+    node_cpus = [c for c in node_cpus if c >= 1] or [1]
+    each = max(1, min(2, min(node_cpus)))
+    actors = max(1, sum(c // each for c in node_cpus))
+    if len(node_cpus) == 1:
+        each = max(each, node_cpus[0] // actors)
+    return actors, each
+
+
+def gpu_share(nodes: list[dict], gpus_each: float) -> float:
+    """CPUs for a GPU actor: its share of the CPUs of the leanest GPU node (they decode its images)."""
+    shares = [n["CPU"] * gpus_each / n["GPU"] for n in nodes if n.get("GPU", 0) > 0 and n.get("CPU", 0) > 0]
+    return float(max(1, math.floor(min(shares)))) if shares else 1.0
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,9 +42,13 @@ class LabelSpec(_Strict):
 
 class ComputeSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the worker has a GPU
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 autocast on GPU, fp32 on CPU
-    batch_size: int | None = Field(None, ge=1)  # None: 256 per GPU, 32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU; CPU: docs/benchmarks.md
+    batch_size: int | None = Field(None, ge=1)  # None: from free GPU memory (512 on an idle 80 GB GPU), 32 on CPU
     prefetch_batches: int = Field(4, ge=1)  # decoded batches queued ahead of the model
+    threads: int | None = Field(None, ge=1)  # torch threads; None: the CPUs the worker holds (Ray's share)
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # where images are decoded (gpu: issue 19's decoder)
+    decode_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"  # CPU decode processes; 0: in the feeding thread
+    jpeg_draft: bool = False  # decode JPEGs >= 2x the input at reduced scale (agreement: docs/benchmarks.md)
 
 
 class RaySpec(_Strict):
@@ -54,7 +58,7 @@ class RaySpec(_Strict):
     min_actors: int = Field(1, ge=1)  # start once this many are up; the rest join as the autoscaler adds nodes
     max_actors: int | None = Field(None, ge=1)  # cap on the automatic size (None: no cap)
     start_timeout_s: float = Field(300.0, gt=0)  # give up, in one line, if min_actors cannot start by then
-    cpus_per_actor: float = Field(0.5, gt=0)  # fractional, so decode tasks never starve (see docs/operations.md)
+    cpus_per_actor: float | None = Field(None, gt=0)  # None: a CPU actor's share of its node, see docs/operations.md
     gpus_per_actor: float = Field(1.0, ge=0)  # asked for only when the cluster has GPUs
     max_retries_per_shard: int = Field(2, ge=0)  # a shard whose actor died is retried this often
     decode_cpus: float = Field(0.0, ge=0)  # extra CPUs reserved per actor for its decode thread

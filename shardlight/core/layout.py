@@ -10,7 +10,9 @@ OUT/run.json                     resolved config, models, versions and stats of 
 ```
 
 Every file is written atomically, so "done" is simply "the marker file exists". Shard stats travel in
-the key-value metadata of the shard's Parquet file, so a finished shard describes itself.
+the key-value metadata of the shard's Parquet file, so a finished shard describes itself. A write killed
+before its rename leaves a `.NAME.<hex>.tmp` file, never a wrong NAME; a run removes those at its start
+(`remove_temporary`, under the output lease, so no live writer owns them).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import pyarrow.parquet as pq
 from shardlight.core.storage import exists, filesystem, join, open_read, shard_name
 
 STATS_KEY = b"shardlight.stats"
+TEMP_GLOB = ".*.tmp"  # storage.write_atomic's and index.store's temporary files
+OUT_FOLDERS = ("", "embeddings", "errors", "augmented", "index")  # where OUT's atomically written files live
 ROW_SOURCES = ("embeddings", "augmented")  # OUT/<source>/<shard>.parquet folders of rows, in index id order
 
 
@@ -86,3 +90,16 @@ def num_rows(url: str) -> int:
 def stages_todo(out: str, shards: list[str], augment: bool) -> list[str]:
     """Shards with a stage still to run: not embedded, or (with augmentation on) not augmented."""
     return [s for s in shards if not shard_done(out, s) or (augment and not augment_done(out, s))]
+
+
+def remove_temporary(out: str) -> list[str]:
+    """Delete the `.NAME.*.tmp` files that killed writes left under OUT; returns their paths.
+
+    Only safe while holding OUT's lease: a live run's temporary files look the same.
+    """
+    fs, root = filesystem(out)
+    patterns = ["/".join(part for part in (root.rstrip("/"), folder, TEMP_GLOB) if part) for folder in OUT_FOLDERS]
+    stale = [p for pattern in patterns for p in fs.glob(pattern)]
+    for path in stale:
+        fs.rm(path)
+    return stale

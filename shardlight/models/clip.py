@@ -1,6 +1,9 @@
 """The CLIP adapter: an open_clip model by name plus weights, its eval transform and tokenizer.
 
-Vectors come back L2-normalised float32 on the CPU, whatever the device and autocast dtype.
+Vectors come back L2-normalised float32 on the CPU, whatever the device and autocast dtype. Images come as
+uint8 batches (normalised here, on the model's device, from `pixel_spec`) or as already-normalised floats.
+Captions run at the batch's longest real length where that gives the same vectors as open_clip's padded
+77 tokens (see `_cuts_text`); any other text tower gets the full context.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 from shardlight.core.config import ClipSpec
 from shardlight.core.errors import ModelLoadError
 from shardlight.models.device import autocast
+from shardlight.models.preprocess import PixelSpec, normalize, pixel_spec
 from shardlight.models.weights import MODEL_DIR, check_weight_files, offline_hint, register_repo_models
 
 
@@ -35,25 +39,86 @@ class ClipEmbedder:
         self.model = model.to(device).eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(spec.model)
+        self.pixel_spec = spec_or_none(preprocess)
+        self.cuts_text = _cuts_text(self.model, self.tokenizer)
         self.device, self.dtype = device, dtype
         self.dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
             else int(self.model.visual.output_dim)
 
     @torch.inference_mode()
     def embed_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """(N, 3, S, S) uint8 (normalised here by `pixel_spec`) or float pixels -> (N, dim) unit vectors."""
+        pixels = device_pixels(pixels, self.pixel_spec, self.model, self.device)
         with autocast(self.device, self.dtype):
-            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+            feats = self.model.encode_image(pixels)
         return F.normalize(feats.float(), dim=-1).cpu().numpy()
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(texts).to(self.device)
+        return self.embed_tokens(self.tokenizer(texts))  # padded (or cut) to the context as open_clip does
+
+    @torch.inference_mode()
+    def embed_tokens(self, tokens: torch.Tensor) -> np.ndarray:
+        """Token ids from `self.tokenizer` (tokenised elsewhere, e.g. in helper processes) -> unit vectors."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
         with autocast(self.device, self.dtype):
-            feats = self.model.encode_text(tokens)
+            if self.cuts_text:
+                length = int((tokens != 0).sum(dim=1).max())  # SimpleTokenizer pads with 0
+                feats = self._encode_text_cut(tokens[:, :length].to(self.device))
+            else:
+                feats = self.model.encode_text(tokens.to(self.device))
         return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    def _encode_text_cut(self, tokens: torch.Tensor) -> torch.Tensor:
+        """open_clip's `CLIP.encode_text` on L <= context tokens: positions and causal mask cut to L."""
+        from open_clip.transformer import text_global_pool
+
+        m, length = self.model, tokens.shape[1]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast_dtype) + m.positional_embedding[:length].to(cast_dtype)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
+        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is None:
+            return x
+        return m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
 
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp().item())
 
 
+
+
+def spec_or_none(transform) -> PixelSpec | None:
+    """The transform's PixelSpec, or None when it does more than resize + crop + normalise."""
+    try:
+        return pixel_spec(transform)
+    except ModelLoadError:
+        return None
+
+
+def device_pixels(pixels: torch.Tensor, spec: PixelSpec | None, model: torch.nn.Module,
+                  device: torch.device) -> torch.Tensor:
+    """Pixels on the model's device, normalised there (in the model's dtype) when they come as uint8."""
+    pixels = pixels.to(device, non_blocking=True)
+    if pixels.dtype != torch.uint8:
+        return pixels
+    if spec is None:
+        raise ModelLoadError("uint8 pixels for a model whose transform has no PixelSpec")
+    return normalize(pixels, spec, next(model.parameters()).dtype)
+
+
+def _cuts_text(model: torch.nn.Module, tokenizer) -> bool:
+    """True when running captions at their real length gives open_clip's vectors: open_clip's own BPE
+    tokenizer (pads with 0, ends with the highest id), a text tower with absolute learned positions, a
+    causal mask (no token sees the padding after it) and pooling at the end token ("argmax" or "eos")."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    mask = getattr(model, "attn_mask", None)
+    if not isinstance(tokenizer, SimpleTokenizer) or mask is None or not hasattr(model, "positional_embedding"):
+        return False
+    if getattr(model, "text_pool_type", None) not in ("argmax", "eos"):
+        return False
+    n = mask.shape[0]
+    causal = torch.full((n, n), float("-inf")).triu_(1)
+    return model.positional_embedding.shape[0] == n and torch.equal(mask.float().cpu(), causal)

@@ -1,7 +1,8 @@
 """Labelers: a timm classifier (`vit`) or CLIP zero-shot prompts (`zeroshot`), chosen by name from LABELERS.
 
 Each returns `Labels` (top-1 and top-k ids, names, probabilities) for a batch; a labeler that reuses CLIP's
-image embeddings says so with `uses_clip_pixels`.
+image embeddings says so with `uses_clip_pixels`. A labeler with its own pixels exposes `pixel_spec` (None
+when its transform cannot be split) and takes uint8 batches, normalised on its device.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from shardlight.core.config import LabelSpec
 from shardlight.core.errors import ModelLoadError
-from shardlight.models.clip import ClipEmbedder
+from shardlight.models.clip import ClipEmbedder, device_pixels, spec_or_none
 from shardlight.models.device import autocast
 from shardlight.models.weights import (
     MODEL_DIR,
@@ -82,13 +83,15 @@ class VitLabeler:
             raise ModelLoadError(f"{len(names)} class names for a classifier with {model.num_classes} classes")
         self.model = model.to(device).eval()
         self.transform = create_transform(**resolve_data_config({}, model=model))
+        self.pixel_spec = spec_or_none(self.transform)
         self.class_names, self.top_k = names, spec.top_k
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor, image_embeddings: np.ndarray | None = None) -> Labels:
+        pixels = device_pixels(pixels, self.pixel_spec, self.model, self.device)
         with autocast(self.device, self.dtype):
-            logits = self.model(pixels.to(self.device, non_blocking=True))
+            logits = self.model(pixels)
         return Labels(logits.float().softmax(dim=1), self.class_names, self.top_k)
 
 
@@ -97,6 +100,7 @@ class ZeroShotLabeler:
 
     uses_clip_pixels = True
     transform = None
+    pixel_spec = None
 
     def __init__(self, spec: LabelSpec, device: torch.device, dtype: torch.dtype = torch.float32, clip=None):
         names = read_class_names(spec.class_names)

@@ -1,0 +1,110 @@
+"""Parallel decoding changes nothing in the output: rows, order, vectors and errors are those of one worker,
+on clean and damaged shards, and a decode process killed mid-shard loses and duplicates no row."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
+from shardlight.core.errors import ClusterError
+from shardlight.models.preprocess import PixelSpec
+from shardlight.training.synthetic import write_shards
+from workers.decode import CpuDecoder, DecodeSpecs
+from workers.embed import ShardEmbedder
+from workers.reader import ShardReader
+
+pytestmark = pytest.mark.timeout(300)
+
+SPEC = PixelSpec(resize=64, size=64, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+LABELS = LabelSpec(kind="vit", model="shapes-vit", top_k=3)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, one_torch_thread):
+    from tests.conftest import write_damaged_shards
+
+    root = tmp_path_factory.mktemp("decode")
+    damaged = write_damaged_shards(root)
+    big = write_shards(root / "big", shards=1, samples_per_shard=30, seed=5)[0]
+    return sorted(str(p) for p in damaged["dir"].iterdir()) + [str(big)]
+
+
+def _embed_all(shards, out, **compute) -> None:
+    embedder = ShardEmbedder(ClipSpec(model="shapes-clip"), LABELS, ComputeSpec(batch_size=4, **compute))
+    try:
+        for shard in shards:
+            embedder.process(shard, str(out))
+    finally:
+        embedder.close()
+
+
+def _tables(out, kind, name):
+    return pq.read_table(f"{out}/{kind}/{name}.parquet")
+
+
+@pytest.mark.parametrize("workers", [3])
+def test_many_decode_workers_write_what_one_writes(shards, tmp_path, workers):
+    one, many = tmp_path / "one", tmp_path / "many"
+    _embed_all(shards, one, decode_workers=0)
+    _embed_all(shards, many, decode_workers=workers)
+    for shard in shards:
+        name = os.path.basename(shard).removesuffix(".tar")
+        a, b = _tables(one, "embeddings", name), _tables(many, "embeddings", name)
+        assert a.column("key").to_pylist() == b.column("key").to_pylist()
+        for col in ("image_embedding", "text_embedding"):
+            va = [np.zeros(1) if v is None else np.array(v) for v in a.column(col).to_pylist()]
+            vb = [np.zeros(1) if v is None else np.array(v) for v in b.column(col).to_pylist()]
+            assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(va, vb))
+        same = [c for c in a.column_names if c not in ("image_embedding", "text_embedding", "clip_score",
+                                                       "label_prob", "topk_probs")]
+        assert a.select(same).equals(b.select(same))
+        assert _tables(one, "errors", name).equals(_tables(many, "errors", name))
+    errors = _tables(many, "errors", "00001").to_pylist()
+    assert [(e["key"], e["stage"]) for e in errors if e["dropped"]] == [("b0001", "decode")]
+    assert _tables(many, "embeddings", "00003").num_rows > 0  # the rows before the cut in the truncated tar
+
+
+def _decode(decoder, shard, kill_after=None):
+    keys, pixels = [], []
+    for i, batch in enumerate(decoder.batches(ShardReader(shard))):
+        keys += [s.raw.key for s in batch.samples]
+        pixels.append(batch.clip)
+        if i == kill_after:
+            os.kill(decoder.pids()[0], signal.SIGKILL)
+            time.sleep(0.5)  # the pool notices the death before the next chunk is collected
+    return keys, torch.cat(pixels)
+
+
+def test_batches_are_fixed_size_uint8_in_shard_order(shards):
+    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4)
+    try:
+        sizes = [len(b.samples) for b in decoder.batches(ShardReader(shards[-1]))]
+        batch = next(iter(decoder.batches(ShardReader(shards[-1]))))
+    finally:
+        decoder.close()
+    assert sizes == [4] * 7 + [2] and batch.clip.dtype == torch.uint8 and batch.clip.shape == (4, 3, 64, 64)
+
+
+def test_a_decode_worker_killed_mid_shard_loses_and_duplicates_nothing(shards):
+    expected_keys, expected = _decode(CpuDecoder(DecodeSpecs(SPEC), workers=0, batch_size=4), shards[-1])
+    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4, prefetch=1)
+    try:
+        keys, pixels = _decode(decoder, shards[-1], kill_after=0)
+        assert decoder.restarts == 1
+    finally:
+        decoder.close()
+    assert keys == expected_keys and len(keys) == 30 and torch.equal(pixels, expected)
+
+
+def test_decode_workers_that_keep_dying_fail_the_shard_in_one_line(shards):
+    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4, prefetch=1, max_restarts=0)
+    try:
+        with pytest.raises(ClusterError, match="decode workers died 1 times"):
+            _decode(decoder, shards[-1], kill_after=0)
+    finally:
+        decoder.close()

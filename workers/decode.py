@@ -1,0 +1,236 @@
+"""Decoders: a shard's samples → fixed-size batches of model pixels, in shard order, with the errors between.
+
+`CpuDecoder` runs one conductor thread per shard that reads the samples, cuts them into small chunks, hands
+the chunks to N decode workers (processes by default, threads, or inline when N is 0) and reassembles the
+results in shard order into batches of exactly `batch_size` samples (the last one shorter). Invariants:
+- order: rows come out in shard order whatever the number of workers; every input item is either a
+  sample in a batch or an error record in `errors`, in shard order (so rows + dropped == samples read);
+- a decode process that dies (OOM, a signal) costs nothing: the pool is restarted and every chunk not yet
+  collected is decoded again; only a shard that kills it `max_restarts` times fails, with one clear error;
+- a consumer that stops early (a model error) stops the conductor too; no thread or queue outlives it.
+The contract with the models and with the GPU decoder (`workers/gpu_decode.py`) is in DECODE_INTERFACE.md.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from shardlight.core.errors import ClusterError, InputError
+from shardlight.core.schema import SampleError
+from workers.decode_job import DecodeSpecs, decode_chunk, decode_one, init_worker
+from workers.reader import RawSample
+
+__all__ = ["CpuDecoder", "DecodeSpecs", "DecodedBatch", "Decoder", "SampleMeta"]
+
+
+@dataclass
+class SampleMeta:
+    raw: RawSample
+    width: int  # the image file's own size (before any reduced-scale decode)
+    height: int
+
+
+@dataclass
+class DecodedBatch:
+    samples: list[SampleMeta]
+    clip: torch.Tensor  # (N, 3, S, S) uint8, or float when the model's transform has no PixelSpec
+    label: torch.Tensor | None
+    errors: list[SampleError] = field(default_factory=list)  # items since the previous batch, in order
+
+
+class Decoder(Protocol):
+    def batches(self, samples: Iterable[RawSample | SampleError]) -> Iterator[DecodedBatch]: ...
+
+    def describe(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+class _Stopped(Exception):
+    """The consumer went away; the conductor unwinds quietly."""
+
+
+_END = object()
+
+
+class _Assembler:
+    """Turns chunk results back into fixed-size batches, in order, carrying the errors in between."""
+
+    def __init__(self, batch_size: int, pin_memory: bool, put):
+        self.batch_size, self.pin_memory, self.put = batch_size, pin_memory, put
+        self.metas: list[SampleMeta] = []
+        self.clip: list = []
+        self.label: list = []
+        self.errors: list[SampleError] = []
+
+    def add(self, chunk: list, results: list) -> None:
+        done = iter(results)
+        for item in chunk:
+            if isinstance(item, SampleError):
+                self.errors.append(item)
+                continue
+            if item.metadata_error:
+                self.errors.append(SampleError(item.key, item.shard, "metadata", item.metadata_error, False))
+            result = next(done)
+            if isinstance(result, str):
+                self.errors.append(SampleError(item.key, item.shard, "decode", result))
+                continue
+            width, height, clip, label = result
+            self.metas.append(SampleMeta(item, width, height))
+            self.clip.append(clip)
+            self.label.append(label)
+            if len(self.metas) == self.batch_size:
+                self.emit()
+
+    def emit(self) -> None:
+        label = None if not self.label or self.label[0] is None else self._stack(self.label)
+        self.put(DecodedBatch(self.metas, self._stack(self.clip), label, self.errors))
+        self.metas, self.clip, self.label, self.errors = [], [], [], []
+
+    def finish(self) -> None:
+        if self.metas or self.errors:
+            self.emit()
+
+    def _stack(self, parts: list) -> torch.Tensor:
+        if not parts:
+            return torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+        out = torch.from_numpy(np.stack(parts)) if isinstance(parts[0], np.ndarray) else torch.stack(parts)
+        return out.pin_memory() if self.pin_memory else out
+
+
+class CpuDecoder:
+    """N decode workers (processes, threads, or inline when N is 0) feeding fixed-size uint8 batches."""
+
+    def __init__(self, specs: DecodeSpecs, workers: int = 1, batch_size: int = 32, mode: str = "process",
+                 prefetch: int = 4, pin_memory: bool = False, max_restarts: int = 3):
+        if mode not in ("process", "thread"):
+            raise InputError(f"decode mode must be 'process' or 'thread', not {mode!r}")
+        self.specs, self.workers, self.batch_size, self.mode = specs, workers, batch_size, mode
+        self.prefetch, self.pin_memory, self.max_restarts = prefetch, pin_memory, max_restarts
+        # Small chunks spread a batch over all workers; two chunks per worker in flight keep them busy.
+        self.chunk = max(1, min(16, -(-batch_size // max(1, workers))))
+        self.in_flight = 2 * max(1, workers) + 1
+        self._pool: cf.Executor | None = None
+        self.restarts = 0  # pool restarts (a decode process died) during the current or last shard
+
+    def describe(self) -> dict:
+        return {"decode": "cpu", "decode_workers": self.workers,
+                "decode_mode": self.mode if self.workers else "inline"}
+
+    def pids(self) -> list[int]:
+        """The decode processes' ids (for tests and diagnostics)."""
+        return list(getattr(self._pool, "_processes", None) or {})
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def batches(self, samples: Iterable[RawSample | SampleError]) -> Iterator[DecodedBatch]:
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+            raise _Stopped
+
+        def conduct() -> None:
+            try:
+                self._conduct(samples, put)
+                put(_END)
+            except _Stopped:
+                pass
+            except BaseException as err:  # re-raised on the consuming thread
+                try:
+                    put(err)
+                except _Stopped:
+                    pass
+
+        thread = threading.Thread(target=conduct, name="decode-conductor", daemon=True)
+        thread.start()
+        try:
+            while (item := ready.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+    def _conduct(self, samples: Iterable, put) -> None:
+        assembler = _Assembler(self.batch_size, self.pin_memory, put)
+        self.restarts = 0
+        outstanding: deque = deque()  # [chunk, future] in shard order
+        chunk: list = []
+        images = 0
+        for item in samples:
+            chunk.append(item)
+            images += isinstance(item, RawSample)
+            if images == self.chunk:
+                outstanding.append([chunk, self._submit(chunk)])
+                chunk, images = [], 0
+                while len(outstanding) > self.in_flight:
+                    self._collect(outstanding, assembler)
+        if chunk:
+            outstanding.append([chunk, self._submit(chunk)])
+        while outstanding:
+            self._collect(outstanding, assembler)
+        assembler.finish()
+
+    def _submit(self, chunk: list) -> cf.Future:
+        jobs = [(s.image, s.image_format) for s in chunk if isinstance(s, RawSample)]
+        if not self.workers or not jobs:
+            done: cf.Future = cf.Future()
+            done.set_result([decode_one(self.specs, data, fmt) for data, fmt in jobs])
+            return done
+        if self._pool is None:
+            self._pool = self._new_pool()
+        try:
+            if self.mode == "thread":
+                return self._pool.submit(decode_chunk, jobs, self.specs)
+            return self._pool.submit(decode_chunk, jobs)
+        except cf.process.BrokenProcessPool as err:  # died since the last collect: fail like a pending chunk
+            failed: cf.Future = cf.Future()
+            failed.set_exception(err)
+            return failed
+
+    def _collect(self, outstanding: deque, assembler: _Assembler) -> None:
+        while True:
+            try:
+                results = outstanding[0][1].result()
+                break
+            except cf.process.BrokenProcessPool as err:
+                self._restart(outstanding, err)
+        assembler.add(outstanding.popleft()[0], results)
+
+    def _restart(self, outstanding: deque, err: Exception) -> None:
+        """A decode process died: start a fresh pool and decode again every chunk without a result."""
+        self.restarts += 1
+        self.close()
+        if self.restarts > self.max_restarts:
+            raise ClusterError(f"decode workers died {self.restarts} times ({err}); giving up on this shard")
+        for entry in outstanding:
+            if not entry[1].done() or entry[1].exception() is not None:
+                entry[1] = self._submit(entry[0])
+
+    def _new_pool(self) -> cf.Executor:
+        if self.mode == "thread":
+            return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+        # spawn, not fork: the parent runs OpenMP threads, which a forked child must not inherit
+        return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=init_worker, initargs=(self.specs,))
