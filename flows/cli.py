@@ -22,6 +22,7 @@ from shardlight.core.config import CONFIG_DIR, load_config, with_ray_address  # 
 from shardlight.core.errors import ShardlightError, first_line  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Embed, label and index WebDataset image-text shards with Prefect flows on Ray workers.")
 console = Console()
 err_console = Console(stderr=True)
@@ -133,10 +134,9 @@ def index(
 ) -> None:
     """Rebuild the FAISS index from the Parquet files (OUT/embeddings, and OUT/augmented unless --no-synthetic)."""
     from index.build import build_index
-
-    _exit_without_finalizing()
     from shardlight.core.space import recorded_clip
 
+    _exit_without_finalizing()
     meta = build_index(out, factory, synthetic=synthetic, model=recorded_clip(out))
     generated = "" if synthetic else " (input rows only)"
     console.print(f"index: {meta['count']} vectors{generated}, {meta['factory']}, built in {meta['build_seconds']}s")
@@ -146,7 +146,7 @@ def index(
 def query(
     out: str = typer.Argument(..., help="Output folder of a run."),
     text: Optional[str] = typer.Argument(None, help="Text query."),
-    k: int = typer.Option(10, "-k", min=1, help="Number of results."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
     image: Optional[Path] = typer.Option(None, help="Query by this image file instead of text."),
     key: Optional[str] = typer.Option(None, help="Query by an indexed sample's key (more like this)."),
     label: Optional[str] = typer.Option(None, help="Keep only results with this label."),
@@ -158,7 +158,9 @@ def query(
     from index.search import Searcher
 
     _exit_without_finalizing()
-
+    given = [name for name, value in (("TEXT", text), ("--image", image), ("--key", key)) if value is not None]
+    if len(given) != 1:
+        raise ShardlightError(f"give exactly one of TEXT, --image FILE or --key KEY (got {', '.join(given) or 'none'})")
     hits = Searcher(out).search(text=text, image=image, key=key, k=k, label=label, synthetic=synthetic)
     if as_json:
         for hit in hits:
@@ -181,14 +183,16 @@ def _print_hits(title: str, hits: list) -> None:
 @app.command("augment-preview")
 def augment_preview(
     out: str = typer.Argument(..., help="Output folder of a run with augmentations."),
-    dest: Path = typer.Option(Path("augment-preview.png"), help="PNG to write."),
+    dest: Optional[Path] = typer.Option(None, help="PNG to write (default: OUT/report/augment-preview.png, beside "
+                                                   "the report)."),
     per_row: int = typer.Option(8, min=1, help="Images per row."),
 ) -> None:
     """A PNG grid of the DiT augmentations: rows = classes; `vary` sources beside their variations."""
     from flows.report.preview import augment_preview as preview
+    from flows.report.preview import preview_path
 
     try:
-        path = preview(out, dest, per_row)
+        path = preview(out, dest or preview_path(out), per_row)
     except FileNotFoundError as err:
         raise ShardlightError(f"no augmentations under {out}: {err}") from None
     console.print(f"wrote {path}")
@@ -196,7 +200,8 @@ def augment_preview(
 
 @app.command("train-demo-models")
 def train_demo_models(
-    out_dir: Path = typer.Argument(Path("configs/models"), help="Where weights and model cards go."),
+    out_dir: Path = typer.Argument(CONFIG_DIR / "models", show_default="the repo's configs/models",
+                                   help="Where weights and model cards go."),
     vit: bool = typer.Option(True, help="Train the ViT classifier (first: CLIP's image tower starts from it)."),
     clip: bool = typer.Option(True, help="Train the CLIP model."),
     dit: bool = typer.Option(True, help="Train the class-conditional DiT (after the ViT and CLIP it is scored with)."),
@@ -257,7 +262,7 @@ def demo(
     workdir: Path = typer.Option(Path("demo-out"), help="Where demo data and outputs go."),
     shards: int = typer.Option(4, min=1, help="Demo shards to generate."),
     samples_per_shard: int = typer.Option(96, min=1, help="Samples per demo shard."),
-    k: int = typer.Option(5, "-k", min=1, help="Results per example query."),
+    k: int = typer.Option(5, "-k", "--k", min=1, help="Results per example query."),
 ) -> None:
     """Make demo data, run the whole pipeline with configs/demo.yaml, and show example queries."""
     from index.search import Searcher
@@ -275,13 +280,28 @@ def demo(
     _print_hits(f"more like {first}", searcher.search(key=first, k=k))
     if cfg.augment.enabled:
         from flows.report.preview import augment_preview as preview
+        from flows.report.preview import preview_path
 
         _print_hits(f"{DEMO_QUERIES[0]} (generated only)", searcher.search(text=DEMO_QUERIES[0], k=k, synthetic=True))
-        console.print(f"DiT augmentations: {preview(cfg.output, workdir / 'augment-preview.png')}")
+        console.print(f"DiT augmentations: {preview(cfg.output, preview_path(cfg.output))}")
     console.print(f"outputs in {cfg.output}; try: shardlight query {cfg.output} \"a purple square\"")
 
 
 app.registered_commands += index_app.registered_commands
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"shardlight {version('shardlight')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """Embed, label and index WebDataset image-text shards with Prefect flows on Ray workers."""
 
 
 def _run_app() -> int:

@@ -65,6 +65,26 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_OneLineErrors())
 
 
+def send_logs_to_prefect() -> None:
+    """shardlight's log lines go to the Prefect run's logs (the UI) and to this process's stderr.
+
+    PREFECT_LOGGING_EXTRA_LOGGERS (set above) only works when it is set before Prefect configures logging;
+    a worker-started run imports Prefect first, so its shardlight lines reached neither the worker's output
+    nor the run's logs. Attaching Prefect's API handler at flow start works however the flow was started.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("shardlight")
+    logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | shardlight - %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
 def _retry_unless_expected(task, task_run, state) -> bool:
     """Retry transient failures; a wrong config or a missing model will not fix itself."""
     try:
@@ -85,17 +105,31 @@ def plan_shards(cfg: RunConfig) -> dict:
     return {"shards": shards, "todo": todo}
 
 
-class _ShardProgress:
-    """A progress bar over shards: rows embedded, images generated (when augmenting) and embedded rows/s."""
+def images_per_s(rows: int, wall_s: float, embed_s: float, augment_s: float) -> float:
+    """THE images/s of a run, shown alike by the progress bar and the summary: input rows embedded per second
+    of the shard stage's wall time, credited with embedding's share of the actors' work (they also augment).
+    0.0 when nothing was embedded."""
+    work_s = embed_s + augment_s
+    embed_wall_s = wall_s * embed_s / work_s if work_s else wall_s
+    return round(rows / embed_wall_s, 2) if rows and embed_wall_s > 0 else 0.0
 
-    def __init__(self, desc: str, total: int):
+
+class _ShardProgress:
+    """A progress bar over shards: rows embedded, images generated (when augmenting) and `images_per_s`."""
+
+    def __init__(self, desc: str, total: int, start: float):
         self.bar = tqdm(total=total, unit="shard", desc=desc, dynamic_ncols=True)
-        self.rows, self.generated, self.start = 0, 0, time.perf_counter()
+        self.rows, self.generated, self.start = 0, 0, start
+        self.embed_s, self.augment_s = 0.0, 0.0
 
     def __call__(self, result: dict) -> None:
-        self.rows += (result["embed"] or {}).get("rows", 0)
-        self.generated += (result["augment"] or {}).get("generated", 0)
-        postfix = {"rows": self.rows, "img_s": f"{self.rows / (time.perf_counter() - self.start):.1f}"}
+        embed, augment = result["embed"] or {}, result["augment"] or {}
+        self.rows += embed.get("rows", 0)
+        self.generated += augment.get("generated", 0)
+        self.embed_s += embed.get("seconds", 0.0)
+        self.augment_s += augment.get("seconds", 0.0)
+        rate = images_per_s(self.rows, time.perf_counter() - self.start, self.embed_s, self.augment_s)
+        postfix = {"rows": self.rows, "img_s": f"{rate:.2f}"}
         if self.generated:
             postfix["generated"] = self.generated
         self.bar.set_postfix(postfix)
@@ -117,7 +151,7 @@ def shard_stage(cfg: RunConfig, shards: list[str]) -> tuple[dict, dict]:
         log.info("nothing to do: every shard already has its outputs")
         return embedded, augmented
     start = time.perf_counter()
-    progress = _ShardProgress("embedding + augmenting" if augment else "embedding", len(todo))
+    progress = _ShardProgress("embedding + augmenting" if augment else "embedding", len(todo), start)
 
     def on_done(result: dict) -> None:
         progress(result)
@@ -202,10 +236,8 @@ def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None, au
     done = [s for s in plan["shards"] if shard_done(cfg.output, s)]
     stats = [read_stats(embeddings_path(cfg.output, shard_name(s))) for s in done]
     new_rows = sum(s["rows"] for s in embedded["stats"])
-    # The stage embeds and augments on the same actors: credit embedding with its share of the wall time.
-    embed_s = sum(s["seconds"] for s in embedded["stats"])
-    work_s = embed_s + sum(s["seconds"] for s in augmented["stats"])
-    embed_wall_s = embedded["seconds"] * embed_s / work_s if work_s else 0.0
+    rate = images_per_s(new_rows, embedded["seconds"], sum(s["seconds"] for s in embedded["stats"]),
+                        sum(s["seconds"] for s in augmented["stats"]))
     return {
         "shards": len(plan["shards"]), "processed": len(embedded["stats"]),
         "skipped": len(plan["shards"]) - len(plan["todo"]), "failed": embedded["failed"],
@@ -213,7 +245,7 @@ def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None, au
         "errors": sum(s["errors"] for s in stats), "no_caption": sum(s["no_caption"] for s in stats),
         "shard_problems": {s["shard"]: s["problem"] for s in stats if s.get("problem")},
         "new_rows": new_rows,
-        "images_per_s": round(new_rows / embed_wall_s, 2) if embed_wall_s else None,
+        "images_per_s": rate,
         "worker": embedded["worker"],
         "augment": augment_totals(cfg, plan["shards"], augmented),
         "index": None if index is None else {"count": index["count"], "factory": index["factory"],
@@ -250,6 +282,7 @@ def pipeline(config: dict, wait_s: float = 0.0) -> dict:
     Only one run at a time may write an output folder: a second one waits up to `wait_s` seconds for
     the first to finish, then refuses.
     """
+    send_logs_to_prefect()
     cfg = parse_config(config)
     if not cfg.input or not cfg.output:
         raise InputError("the config needs both `input` and `output` (or --input/--out)")

@@ -60,6 +60,27 @@ def test_make_demo_data_and_help(tmp_path):
         assert command in helped.stdout
 
 
+def test_version_short_help_long_k_and_defaults_that_do_not_depend_on_the_cwd():
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from shardlight.core.config import CONFIG_DIR
+
+    runner = CliRunner()
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("shardlight ")
+    helped = runner.invoke(app, ["query", "-h"])
+    assert helped.exit_code == 0 and "--k" in helped.output and "--image" in helped.output
+    train = next(c for c in app.registered_commands if c.name == "train-demo-models").callback
+    import inspect
+
+    assert inspect.signature(train).parameters["out_dir"].default.default == CONFIG_DIR / "models"
+
+
+@pytest.mark.timeout(150)
+def test_query_needs_exactly_one_of_text_image_key_named_as_the_cli_spells_them(tmp_path):
+    assert_one_line_error(run_cli("query", str(tmp_path), "--k", "3"), "give exactly one of TEXT, --image FILE or --key KEY")
+
 @pytest.mark.timeout(150)
 def test_report_and_augment_preview_need_a_run(tmp_path):
     assert_one_line_error(run_cli("report", str(tmp_path)), "no embeddings under")

@@ -43,3 +43,21 @@ def test_demo_config_is_valid():
 
     cfg = load_config(DEMO_CONFIG)
     assert cfg.clip.model == "shapes-clip" and cfg.labels.kind == "vit"
+
+
+def test_the_readme_lists_every_config_key_with_its_default():
+    """README's "Every key, with its default" block is the schema: nothing missing, nothing stale."""
+    import re
+
+    import yaml
+
+    from shardlight.core.config import REPO_ROOT, RunConfig
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"Every key, with its default:\n\n```yaml\n(.*?)```", readme, re.S).group(1)
+    listed = yaml.safe_load(block)
+    defaults = RunConfig().model_dump()
+    assert listed.keys() == defaults.keys()
+    for section, values in defaults.items():
+        if isinstance(values, dict):
+            assert listed[section] is None or sorted(listed[section]) == sorted(values), section

@@ -145,3 +145,25 @@ def test_embedding_rate_counts_only_the_embedding_share_of_the_stage(tmp_path):
     assert summary["new_rows"] == 100 and summary["images_per_s"] == round(100 / (8.0 * 3 / 4), 2)
     alone = summarize(cfg, {"shards": [], "todo": []}, embedded, None, {"stats": [], "failed": {}})
     assert alone["images_per_s"] == round(100 / 8.0, 2)
+
+
+def test_progress_bar_and_summary_show_one_images_per_s_and_zero_for_nothing_to_do(tmp_path):
+    """The bar's img_s after the last shard is the summary's images_per_s (one definition); no work: 0.0."""
+    from unittest import mock
+
+    from flows.pipeline import _ShardProgress, summarize
+    from shardlight.core.config import RunConfig
+
+    cfg = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    with mock.patch("flows.pipeline.time.perf_counter", return_value=108.0):
+        bar = _ShardProgress("embedding + augmenting", 1, start=100.0)
+        bar({"embed": {"rows": 100, "seconds": 3.0}, "augment": {"generated": 10, "seconds": 1.0}})
+        shown = bar.bar.postfix
+        bar.close()
+    embedded = {"stats": [{"rows": 100, "seconds": 3.0}], "failed": {}, "worker": {}, "seconds": 8.0}
+    summary = summarize(cfg, {"shards": [], "todo": []}, embedded, None,
+                        {"stats": [{"rows": 10, "seconds": 1.0}], "failed": {}})
+    assert f"img_s={summary['images_per_s']:.2f}" in shown
+    idle = summarize(cfg, {"shards": [], "todo": []}, {"stats": [], "failed": {}, "worker": {}, "seconds": 0.0}, None,
+                     {"stats": [], "failed": {}})
+    assert idle["images_per_s"] == 0.0

@@ -5,7 +5,7 @@ runs it inside `workers.shard_worker.ShardWorker`, after the embedder, sharing i
 shard's finished embeddings file (ViT labels per key) and the source shard's images, generates
 deterministically from seeds derived from (source key or class, index), embeds every image with CLIP, scores
 it against its class prompt, drops and counts those under `min_clip_score`, and labels the rest with the ViT.
-Outputs: OUT/augmented/<shard>.tar (WebDataset: KEY.png + KEY.json) and OUT/augmented/<shard>.parquet, written
+Outputs: OUT/augmented_images/<shard>.tar (WebDataset: KEY.png + KEY.json) and OUT/augmented/<shard>.parquet, written
 last as the shard's done marker.
 """
 

@@ -63,6 +63,9 @@ def connect(spec: RaySpec) -> bool:
     kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     if address == "local":
         kwargs["num_cpus"] = spec.num_cpus
+        # "Token authentication is enabled for this Ray cluster…": news for a cluster's operator, noise that
+        # breaks the progress bar for a private local Ray.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, RayError) as err:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from flows.report import plots
 from flows.report.data import SCORE_EDGES, Sample, Scan, find_rows, project_2d, scan_run
 from flows.report.images import data_uri, read_images
+from flows.report.preview import PREVIEW_NAME
 from flows.report.summary import RunSummary, collect_summary, report_path, summary_html, summary_markdown
 from shardlight.core.errors import InputError
 from shardlight.core.storage import exists, is_local, join, open_read
@@ -57,8 +58,9 @@ def build_report(out: str, open_browser: bool = False, summary: RunSummary | Non
     page = report_path(out)
     folder = page.parent
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.png"):  # a chart that no longer applies must not linger
-        old.unlink()
+    for old in folder.glob("*.png"):  # a chart that no longer applies must not linger (the preview is not one)
+        if old.name != PREVIEW_NAME:
+            old.unlink()
     summary = summary or collect_summary(out)
     scan = scan_run(out)
     dups = _duplicate_groups(out)

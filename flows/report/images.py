@@ -1,7 +1,7 @@
 """Thumbnails for the report, read back from the source shards (one seek per image when the offset is known).
 
 Real rows point into their input shard (URL from the shard's stats) by `tar_offset`/`tar_size`; synthetic
-rows into `OUT/augmented/<shard>.tar`. Compressed shards, or rows without an offset, are found by one
+rows into `OUT/augmented_images/<shard>.tar`. Compressed shards, or rows without an offset, are found by one
 streaming scan of the tar per shard. A missing or unreadable image becomes None, never an error.
 """
 

@@ -1,7 +1,7 @@
 """A PNG contact sheet of a run's DiT augmentations: one row per class, generated samples across;
 for `vary`, each source image followed by its variations.
 
-Reads OUT/augmented/*.parquet (which rows exist, their target class and mode), the matching tars (the
+Reads OUT/augmented/*.parquet (which rows exist, their target class and mode), the matching tars in OUT/augmented_images/ (the
 PNGs) and, for `vary`, the source images from the input shard whose URL the augmented Parquet's stats record.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from shardlight.core.layout import parquet_files, read_stats
+from shardlight.core.layout import augmented_path, parquet_files, read_stats
 from shardlight.core.schema import SampleError
 from shardlight.core.storage import join, open_read, read_bytes
 from workers.reader import ShardReader, decode
@@ -44,7 +44,7 @@ def collect(out: str, max_per_row: int = 8) -> tuple[dict[str, list], dict[str, 
     generated, varied = defaultdict(list), defaultdict(list)
     for parquet in parquet_files(out, "augmented"):
         rows = pq.read_table(open_read(parquet)).to_pylist()
-        images = _tar_images(parquet[: -len(".parquet")] + ".tar")
+        images = _tar_images(augmented_path(out, parquet.rsplit("/", 1)[-1].removesuffix(".parquet"), "tar"))
         vary_rows = [r for r in rows if r.get("mode") == "vary"]
         sources = _source_images(read_stats(parquet)["url"], {r["source_key"] for r in vary_rows}) if vary_rows else {}
         for r in rows:
@@ -66,6 +66,14 @@ def _row_cells(generated: list, varied: list, max_per_row: int) -> list[tuple[Im
         cells.append((source, "source"))
         cells += [(im, "vary") for im in variations]
     return cells[:max_per_row]
+
+
+PREVIEW_NAME = "augment-preview.png"
+
+
+def preview_path(out: str) -> Path:
+    """OUT/report/augment-preview.png: beside the report, where `shardlight report` writes (local outputs)."""
+    return Path(join(out, "report", PREVIEW_NAME))
 
 
 def augment_preview(out: str, dest_png: str | Path, max_per_row: int = 8) -> Path:

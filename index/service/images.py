@@ -2,7 +2,7 @@
 
 The embedding stage records each image member's data offset and size inside the (uncompressed) tar.
 Input rows point into their source shard (its URL is in the shard's stats); generated rows into
-OUT/augmented/<shard>.tar. A request names a key, never a path: the key is looked up in the index's
+OUT/augmented_images/<shard>.tar. A request names a key, never a path: the key is looked up in the index's
 id map, and only a tar recorded at embedding time is ever opened.
 """
 
@@ -48,7 +48,7 @@ class ImageStore:
         return tuple(table.column(c).to_pylist() for c in ("tar_offset", "tar_size", "image_format"))
 
     def _read_tar_url(self, part: int) -> str | None:
-        """Input rows: the source shard recorded in the shard's stats; generated rows: OUT/augmented/<shard>.tar."""
+        """Input rows: the source shard recorded in the shard's stats; generated rows: OUT/augmented_images/<shard>.tar."""
         source, shard = self.searcher.parts[part].split("/", 1)
         if source == "augmented":
             return augmented_path(self.searcher.out, shard, "tar")

@@ -151,15 +151,20 @@ def create_app(out: str, settings: ServerSettings = ServerSettings(), searcher: 
     metrics = Metrics()
     metrics.gauge("index_vectors", "Vectors in the served index.", searcher.size)
 
+    ready = threading.Event()  # /health says "ok" only once a text or image query will not wait for CLIP
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if warm:
-            threading.Thread(target=_warm, args=(searcher,), daemon=True, name="warm-clip").start()
+            threading.Thread(target=_warm, args=(searcher, ready), daemon=True, name="warm-clip").start()
+        else:
+            ready.set()
         yield
 
     app = FastAPI(title="shardlight search", version="1", lifespan=lifespan,
                   description="Search CLIP embeddings of a shardlight run by text, image, vector or key.")
     app.state.searcher, app.state.settings, app.state.metrics = searcher, settings, metrics
+    app.state.ready = ready
     app.state.images = ImageStore(searcher)
     _install_handlers(app, metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
@@ -168,11 +173,13 @@ def create_app(out: str, settings: ServerSettings = ServerSettings(), searcher: 
     return app
 
 
-def _warm(searcher: Searcher) -> None:
+def _warm(searcher: Searcher, ready: threading.Event) -> None:
     try:
-        searcher.clip  # noqa: B018  (builds the model)
+        searcher.embed_text("warm-up")  # builds the model and runs it once (the first forward pass is the slow one)
     except ShardlightError as err:
         log.warning("text and image queries will fail: %s", err)
+    finally:
+        ready.set()
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -184,6 +191,8 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/health", include_in_schema=False)
     def health():
+        if not app.state.ready.is_set():  # a load balancer keeps traffic away until the model is loaded
+            return JSONResponse({"status": "warming up", "vectors": app.state.searcher.size}, status_code=503)
         return {"status": "ok", "vectors": app.state.searcher.size}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")

@@ -3,8 +3,8 @@
 ```
 OUT/embeddings/<shard>.parquet   input rows (written last: the shard's "embedded" marker)
 OUT/errors/<shard>.parquet       skipped samples and shard notes
-OUT/augmented/<shard>.tar        generated images (WebDataset)
-OUT/augmented/<shard>.parquet    their rows (written last: the shard's "augmented" marker)
+OUT/augmented/<shard>.parquet    generated rows (written last: the shard's "augmented" marker)
+OUT/augmented_images/<shard>.tar their images (WebDataset); older outputs keep them in augmented/
 OUT/index/                       the FAISS index (index.store)
 OUT/run.json                     resolved config, models, versions and stats of the last run
 ```
@@ -38,8 +38,16 @@ def errors_path(out: str, shard: str) -> str:
 
 
 def augmented_path(out: str, shard: str, ext: str) -> str:
-    """OUT/augmented/<shard>.tar (generated images) or .parquet (their rows)."""
-    return join(out, "augmented", f"{shard}.{ext}")
+    """OUT/augmented/<shard>.parquet (generated rows) or OUT/augmented_images/<shard>.tar (their images).
+
+    The tars live outside the Parquet folder so that `pd.read_parquet(OUT/augmented)` and other dataset readers
+    see Parquet only. Outputs written before the move keep their tars in OUT/augmented/: when only that one
+    exists, it is the path returned (for reading, and for the writer, so one output never has both).
+    """
+    if ext != "tar":
+        return join(out, "augmented", f"{shard}.{ext}")
+    new, old = join(out, "augmented_images", f"{shard}.tar"), join(out, "augmented", f"{shard}.tar")
+    return old if not exists(new) and exists(old) else new
 
 
 def run_record_path(out: str) -> str:
