@@ -27,17 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from shardlight.models.diffusion import Diffusion  # noqa: E402
 from shardlight.models.sampler import DiTGenerator  # noqa: E402
-from shardlight.training.dit_eval import generate_per_class, vit_names  # noqa: E402
+from shardlight.training.dit_eval import agreement_by_setting  # noqa: E402
 from shardlight.training.synthetic import CLASS_NAMES  # noqa: E402
 from shardlight.training.train_dit import (  # noqa: E402
     GPU_RECIPE,
-    DitRecipe,
-    build_demo_model,
     device_name,
-    make_optimizer,
     save_dit,
+    steps_per_second,
     train_dit,
 )
 
@@ -50,48 +47,6 @@ def wait_for_peers(barrier: Path, name: str, processes: int, timeout: float = 90
     start = time.time()
     while len(list(barrier.glob("ready_*"))) < processes and time.time() - start < timeout:
         time.sleep(0.2)
-
-
-def steps_per_second(recipe: DitRecipe, device: str, timed: int = 100) -> float:
-    """The recipe's training-step rate on random batches of its shape (model, loss, fused AdamW)."""
-    model = build_demo_model(recipe).to(device)
-    diffusion = Diffusion(recipe.schedule, recipe.diffusion_steps, recipe.prediction)
-    opt = make_optimizer(model, recipe, torch.device(device))
-    x = torch.randn(recipe.batch_size, 3, recipe.model_size, recipe.model_size, device=device)
-    y = torch.randint(0, model.config.num_classes, (recipe.batch_size,), device=device)
-
-    def step() -> None:
-        loss = diffusion.training_loss(model, x, y, min_snr_gamma=recipe.min_snr_gamma)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        loss.item()
-
-    for _ in range(20):
-        step()
-    start = time.time()
-    for _ in range(timed):
-        step()
-    return timed / (time.time() - start)
-
-
-def judge(weights: Path, device: str, per_class: int) -> dict:
-    gen = DiTGenerator(str(weights), device=device)
-    images, truth = [], []
-    for guidance, steps in SETTINGS:
-        gen.default_guidance, gen.default_steps = guidance, steps
-        generated, labels = generate_per_class(gen, per_class, 1001, batch=240)
-        images += generated
-        truth += [gen.class_names[c] for c in labels]
-    said = vit_names(images, device)  # one ViT load for every setting
-    scores, per_setting = {}, len(truth) // len(SETTINGS)
-    for i, (guidance, steps) in enumerate(SETTINGS):
-        part = slice(i * per_setting, (i + 1) * per_setting)
-        pairs = list(zip(said[part], truth[part]))
-        right = sum(a == b for a, b in pairs) / per_setting
-        shape = sum(a.split()[1] == b.split()[1] for a, b in pairs) / per_setting
-        scores[f"guidance {guidance:g}, {steps} steps"] = [round(right, 3), round(shape, 3)]
-    return scores
 
 
 def main() -> None:
@@ -127,7 +82,8 @@ def main() -> None:
     save_dit(ema, weights, recipe, log, seconds, trained_on=device_name(torch.device(device)))
     result = {"name": args.name, "overrides": json.loads(args.overrides), "steps": recipe.steps,
               "train_s": round(seconds), "images_seen": recipe.steps * recipe.batch_size,
-              "loss": [entry["loss"] for entry in log], "vit_says_target_and_shape": judge(weights, device, args.per_class)}
+              "loss": [entry["loss"] for entry in log], "vit_says_target_and_shape": agreement_by_setting(
+                  DiTGenerator(str(weights), device=device), SETTINGS, args.per_class, 1001, device)}
     print("RESULT", json.dumps(result), flush=True)
 
 

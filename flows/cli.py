@@ -204,20 +204,28 @@ def train_demo_models(
                                    help="Where weights and model cards go."),
     vit: bool = typer.Option(True, help="Train the ViT classifier (first: CLIP's image tower starts from it)."),
     clip: bool = typer.Option(True, help="Train the CLIP model."),
+    ae: bool = typer.Option(True, help="Train the autoencoder of the latent DiT (on the CPU; judged by the ViT)."),
     dit: bool = typer.Option(True, help="Train the class-conditional DiT (after the ViT and CLIP it is scored with)."),
+    latent_dit: bool = typer.Option(False, help="Train the latent DiT on the autoencoder's latents (in OUT_DIR or "
+                                                "configs/models)."),
     quick: bool = typer.Option(False, help="A few steps only: a smoke test, not usable models."),
     threads: int = typer.Option(2, min=1, help="torch CPU threads."),
     dit_device: str = typer.Option("auto", help="DiT training device: auto (a CUDA GPU when present, with "
                                                  "its larger recipe), cpu or cuda."),
 ) -> None:
-    """Regenerate the demo data and train the demo models (ViT and CLIP on CPU, the DiT on CPU or GPU), with
-    held-out metrics in model cards."""
+    """Regenerate the demo data and train the demo models (ViT, CLIP and autoencoder on CPU, the DiTs on CPU or
+    GPU), with held-out metrics in model cards."""
     from shardlight.training.demo_dit import train_demo_dit
     from shardlight.training.demo_models import train_demo_models as train
+    from shardlight.training.train_autoencoder import train_demo_autoencoder
 
     results = train(out_dir, clip=clip, vit=vit, quick=quick, threads=threads) if (clip or vit) else {}
+    if ae:
+        results["autoencoder"] = train_demo_autoencoder(out_dir, quick=quick)
     if dit:
         results["dit"] = train_demo_dit(out_dir, quick=quick, device=dit_device)
+    if latent_dit:
+        results["latent-dit"] = train_demo_dit(out_dir, quick=quick, device=dit_device, latent=True)
     for name, metrics in results.items():
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
         console.print(f"[bold]{name}[/]: {shown}")

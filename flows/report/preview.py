@@ -88,13 +88,19 @@ def augment_preview(out: str, dest_png: str | Path, max_per_row: int = 8) -> Pat
     classes = sorted(set(generated) | set(varied))
     if not classes:
         raise FileNotFoundError(f"no augmented images under {join(out, 'augmented')} (is augment.enabled set?)")
+    return contact_sheet({label: _row_cells(generated[label], varied[label], max_per_row) for label in classes},
+                         dest_png, max_per_row)
+
+
+def contact_sheet(rows: dict[str, list[tuple[Image.Image, str]]], dest_png: str | Path, max_per_row: int = 8) -> Path:
+    """Write a PNG with one labelled row per key of `rows`: its (image, kind) cells, "source" ones framed in blue."""
     width = LABEL_W + max_per_row * (CELL + GAP)
-    sheet = Image.new("RGB", (width, len(classes) * (CELL + GAP) + GAP), (255, 255, 255))
+    sheet = Image.new("RGB", (width, len(rows) * (CELL + GAP) + GAP), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for row, label in enumerate(classes):
+    for row, (label, cells) in enumerate(rows.items()):
         y = GAP + row * (CELL + GAP)
         draw.text((6, y + CELL // 2 - 6), label, fill=(0, 0, 0))
-        for col, (image, kind) in enumerate(_row_cells(generated[label], varied[label], max_per_row)):
+        for col, (image, kind) in enumerate(cells[:max_per_row]):
             x = LABEL_W + col * (CELL + GAP)
             sheet.paste(image.resize((CELL, CELL)), (x, y))
             if kind == "source":  # sources framed in blue, so variations read as "this one, redrawn"

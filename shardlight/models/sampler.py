@@ -1,6 +1,10 @@
 """Images in, images out with a DiT: load weights (the demo's or the published DiT-XL/2), choose pixel or
 latent space, then `generate` from class labels or `vary` source images (SDEdit), deterministic per seed.
 
+Three codecs share one interface (`encode(images, device) -> tensor`, `decode(tensor) -> images`): pixels,
+a local diffusers `AutoencoderKL` folder (the published models), or this repo's autoencoder
+(`shardlight.models.autoencoder`), which a latent demo DiT names in its header and which is loaded by name.
+
 Published DiT checkpoints (`DiT-XL-2-256x256.pt`) name their tensors differently from `shardlight.models.dit`;
 `convert_published_state_dict` renames them, and the architecture is read from the tensor shapes. Latent
 models decode through a local diffusers `AutoencoderKL` folder (e.g. sd-vae-ft-ema), scaled by 0.18215.
@@ -18,6 +22,7 @@ import torch
 from PIL import Image
 
 from shardlight.core.errors import ModelLoadError, first_line
+from shardlight.models.autoencoder import Autoencoder, load_autoencoder
 from shardlight.models.device import autocast
 from shardlight.models.diffusion import Diffusion, seeded_noise
 from shardlight.models.dit import _SIZES, DIT_MODELS, DiT, DiTConfig
@@ -131,6 +136,36 @@ class VaeCodec:
         return PixelCodec(self.image_size, self.image_size).decode(self.vae.decode(x / VAE_SCALE).sample)
 
 
+class AutoencoderCodec:
+    """Latent demo models: this repo's autoencoder; its own shift and scale map latents to unit variance."""
+
+    def __init__(self, autoencoder: Autoencoder, device: torch.device):
+        self.autoencoder = autoencoder.to(device)
+        self.image_size = self.model_size = autoencoder.config.image_size
+        self.pixels = PixelCodec(self.image_size, self.image_size)
+
+    @torch.no_grad()
+    def encode(self, images: list[Image.Image], device: torch.device) -> torch.Tensor:
+        return self.autoencoder.encode(self.pixels.encode(images, device))
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> list[Image.Image]:
+        return self.pixels.decode(self.autoencoder.decode(x.float()))
+
+
+def make_codec(meta: dict[str, str], config: DiTConfig, checkpoint: str, vae: str | None, device: torch.device):
+    """The codec a DiT's header asks for: its named autoencoder, else a VAE folder (4-channel published
+    models), else pixels."""
+    if "autoencoder" in meta:  # the repo's latent demo models: found beside the DiT, then in configs/models/
+        autoencoder = load_autoencoder(meta["autoencoder"], [Path(checkpoint).parent], meta.get("autoencoder_sha256"))
+        return AutoencoderCodec(autoencoder, device)
+    if config.in_channels == 4:
+        if not vae:
+            raise ModelLoadError("this DiT works in VAE latent space: set augment.vae to a local AutoencoderKL folder")
+        return VaeCodec(vae, config.input_size * 8, device)
+    return PixelCodec(config.input_size, int(meta.get("image_size", config.input_size)))
+
+
 class DiTGenerator:
     """A loaded DiT with its schedule and codec; `generate` and `vary` return PIL images."""
 
@@ -145,11 +180,8 @@ class DiTGenerator:
                                    meta.get("prediction", "eps"))
         self.default_guidance = float(meta.get("guidance", 4.0))
         self.default_steps = int(meta.get("sample_steps", 50))
-        self.latent = cfg.in_channels == 4
-        if self.latent and not vae:
-            raise ModelLoadError("this DiT works in VAE latent space: set augment.vae to a local AutoencoderKL folder")
-        self.codec = VaeCodec(vae, cfg.input_size * 8, self.device) if self.latent else \
-            PixelCodec(cfg.input_size, int(meta.get("image_size", cfg.input_size)))
+        self.codec = make_codec(meta, cfg, checkpoint, vae, self.device)
+        self.latent = not isinstance(self.codec, PixelCodec)  # latents are not clamped to [-1, 1] while sampling
         self.name = meta.get("architecture", name)
 
     @property

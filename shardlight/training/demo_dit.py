@@ -6,6 +6,7 @@ Training (`train_dit`) and judging (`dit_eval`) never import each other; this mo
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,43 +14,53 @@ import torch
 from shardlight.models.device import pick_device
 from shardlight.training.dit_eval import evaluate_dit, write_dit_card
 from shardlight.training.train_dit import (
-    DIT_NAME,
     GPU_RECIPE,
+    LATENT_RECIPE,
     DitRecipe,
     device_name,
+    dit_name,
     quick_recipe,
     save_dit,
     train_dit,
 )
 
 
-def train_demo_dit(out_dir: str | Path, quick: bool = False, device: str = "auto") -> dict:
+def train_demo_dit(out_dir: str | Path, quick: bool = False, device: str = "auto", latent: bool = False,
+                   autoencoder: str | None = None) -> dict:
     """Train the demo DiT, evaluate it with the shipped ViT/CLIP, write weights and model card.
 
     Args:
-        out_dir: folder for `shapes-dit.safetensors` and `shapes-dit.md` (configs/models for the shipped one).
+        out_dir: folder for the weights and card (`shapes-dit.*`, or `shapes-latent-dit.*` for the latent model;
+            configs/models for the shipped ones).
         quick: a few steps on a handful of images (smoke test); the model will not be usable.
-        device: "auto" trains `GPU_RECIPE` on a CUDA GPU when there is one, else the CPU recipe; "cpu" or
-            "cuda" choose.
+        device: "auto" trains on a CUDA GPU when there is one, else on the CPU; "cpu" or "cuda" choose. The
+            pixel model's GPU recipe is larger than its CPU recipe; the latent model has one recipe.
+        latent: train `LATENT_RECIPE` on the latents of the demo autoencoder instead of a pixel model.
+        autoencoder: the autoencoder's name or file (default: the recipe's, found in out_dir, then configs/models).
 
     Returns:
         The measured metrics plus `train_seconds` and `weights` (the file written).
     """
     device = pick_device(device)
-    recipe = GPU_RECIPE if device.type == "cuda" else DitRecipe()
+    if latent:
+        name = autoencoder or LATENT_RECIPE.autoencoder
+        local = Path(out_dir) / f"{name}.safetensors"
+        recipe = replace(LATENT_RECIPE, autoencoder=str(local) if local.is_file() else name)
+    else:
+        recipe = GPU_RECIPE if device.type == "cuda" else DitRecipe()
     recipe = quick_recipe(recipe) if quick else recipe
     torch.set_num_threads(recipe.threads)
     out = Path(out_dir)
     start = time.monotonic()
     ema, log = train_dit(recipe, device=device)
     seconds = time.monotonic() - start
-    path = out / f"{DIT_NAME}.safetensors"
+    path = out / f"{dit_name(recipe)}.safetensors"
     save_dit(ema, path, recipe, log, seconds, trained_on=device_name(device))
-    return finish_card(path, out, device)
+    return finish_card(path, device)
 
 
-def finish_card(path: Path, out: Path, device: torch.device | str = "cpu") -> dict:
-    """Evaluate the written weights (loaded as the augmenter loads them) and write the model card."""
+def finish_card(path: Path, device: torch.device | str = "cpu") -> dict:
+    """Evaluate the written weights (loaded as the augmenter loads them) and write the model card beside them."""
     metrics = evaluate_dit(path, device)
-    write_dit_card(out / f"{DIT_NAME}.md", path, metrics)
+    write_dit_card(path.with_suffix(".md"), path, metrics)
     return {**metrics, "weights": str(path)}

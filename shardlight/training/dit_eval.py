@@ -14,6 +14,7 @@ import json
 import math
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,12 @@ from shardlight.models.sampler import DiTGenerator, PixelCodec
 from shardlight.models.weights import MODEL_DIR, read_weights_metadata
 from shardlight.training import synthetic
 from shardlight.training.demo_models import decode, fmt_metric, held_out_samples
-from shardlight.training.train_dit import DitRecipe, build_demo_model, training_set
+from shardlight.training.train_dit import DitRecipe, build_demo_model, training_images
 
 CLASS_PROMPT = "a photo of a {}"
+REPRODUCE_PIXEL = "shardlight train-demo-models configs/models --no-vit --no-clip --no-ae  # GPU_RECIPE on a GPU, else CPU"
+REPRODUCE_LATENT = "shardlight train-demo-models configs/models --no-vit --no-clip --no-ae --no-dit --latent-dit"
+REFERENCE_SIZE = 32  # pixels the reference CNN judges (the pixel demo DiT's size)
 VIT_TARGET = 0.80  # share of generated images the demo ViT must assign to the conditioning class
 
 
@@ -67,9 +71,11 @@ def _reference_cnn(classes: int) -> torch.nn.Module:
 
 
 def train_reference_classifier(recipe, epochs: int = 6) -> torch.nn.Module:
-    """A small CNN on the DiT's own training images at the model's size: an independent judge of what
-    the DiT draws, since it sees exactly the pixels the DiT models (no up-sampling, no JPEG)."""
-    pixels, labels = training_set(recipe)
+    """A small CNN on the DiT's training images at `REFERENCE_SIZE` pixels: an independent judge of what the
+    DiT draws, seeing exactly the pixels the pixel DiT models (no up-sampling, no JPEG); latent models' decoded
+    images are reduced to the same size, so both kinds are judged alike."""
+    images, labels = training_images(recipe)
+    pixels = PixelCodec(REFERENCE_SIZE, REFERENCE_SIZE).encode(images, torch.device("cpu"))
     torch.manual_seed(recipe.init_seed)
     cnn = _reference_cnn(len(synthetic.CLASS_NAMES))
     opt = torch.optim.AdamW(cnn.parameters(), lr=3e-3)
@@ -116,6 +122,27 @@ def vit_names(images: list[Image.Image], device: torch.device | str = "cpu") -> 
             for n in vit(torch.stack([vit.transform(im) for im in images[i:i + 128]])).names]
 
 
+def agreement_by_setting(gen: DiTGenerator, settings: list[tuple[float, int]], per_class: int, seed: int,
+                         device: torch.device | str = "cpu", batch: int = 240) -> dict[str, list[float]]:
+    """For each (guidance, DDIM steps): the share of generated images the shipped ViT labels as the conditioning
+    class, and the share with the right shape (colour is rarely wrong). One ViT load for every setting."""
+    images, truth = [], []
+    for guidance, steps in settings:
+        gen.default_guidance, gen.default_steps = guidance, steps
+        generated, labels = generate_per_class(gen, per_class, seed, batch=batch)
+        images += generated
+        truth += [gen.class_names[c] for c in labels]
+    said = vit_names(images, device) or []
+    scores, per_setting = {}, len(truth) // len(settings)
+    for i, (guidance, steps) in enumerate(settings):
+        part = slice(i * per_setting, (i + 1) * per_setting)
+        pairs = list(zip(said[part], truth[part]))
+        right = sum(a == b for a, b in pairs) / per_setting
+        shape = sum(a.split()[-1] == b.split()[-1] for a, b in pairs) / per_setting
+        scores[f"guidance {guidance:g}, {steps} steps"] = [round(right, 3), round(shape, 3)]
+    return scores
+
+
 def vit_accuracy(images: list[Image.Image], labels: list[int], class_names: list[str]) -> dict | None:
     """Overall and per-class share classified as the conditioning class (None without shipped ViT weights)."""
     names = vit_names(images)
@@ -145,12 +172,16 @@ def clip_metrics(gen: DiTGenerator, images: list, labels: list[int], untrained: 
     }
 
 
-def evaluate_dit(weights: str | Path, device: torch.device | str = "cpu") -> dict:
-    """Generate `eval_per_class` images per class with the shipped settings and measure them."""
+def evaluate_dit(weights: str | Path, device: torch.device | str = "cpu", seed: int | None = None,
+                 per_class: int | None = None) -> dict:
+    """Generate images per class with the shipped settings and measure them; `seed` and `per_class` replace the
+    recipe's `eval_seed` (generation seeds and held-out real images) and `eval_per_class`."""
     start = time.monotonic()
     device = torch.device(device)
     gen = DiTGenerator(str(weights), device=device)
     recipe = DitRecipe(**json.loads(read_weights_metadata(weights)["recipe"]))
+    recipe = replace(recipe, eval_seed=recipe.eval_seed if seed is None else seed,
+                     eval_per_class=per_class or recipe.eval_per_class)
     images, labels = generate_per_class(gen, recipe.eval_per_class, recipe.eval_seed)
     trained = gen.model
     gen.model = build_demo_model(recipe).eval().to(device)  # same architecture and init seed, no training
@@ -158,18 +189,32 @@ def evaluate_dit(weights: str | Path, device: torch.device | str = "cpu") -> dic
     gen.model = trained
     held_out = held_out_samples(recipe.eval_seed, recipe.eval_per_class)
     real = [decode(s) for s in held_out]
-    metrics = {"images_per_class": recipe.eval_per_class, "guidance": gen.default_guidance,
+    metrics = {"images_per_class": recipe.eval_per_class, "seed": recipe.eval_seed, "guidance": gen.default_guidance,
                "sample_steps": gen.default_steps}
     metrics.update(vit_accuracy(images, labels, gen.class_names) or {"vit_accuracy": None})
     cnn = train_reference_classifier(recipe)
     real_labels = [synthetic.CLASS_NAMES.index(json.loads(s["json"])["label"]) for s in held_out]
-    size = gen.model.config.input_size
+    size = REFERENCE_SIZE
     metrics["reference_cnn_accuracy"] = reference_accuracy(cnn, images, labels, size)
     metrics["reference_cnn_accuracy_untrained_dit"] = reference_accuracy(cnn, untrained, labels, size)
     metrics["reference_cnn_accuracy_real_held_out"] = reference_accuracy(cnn, real, real_labels, size)
     metrics.update(clip_metrics(gen, images, labels, untrained, real) or {"clip_score_mean": None})
     metrics["eval_seconds"] = round(time.monotonic() - start, 1)
     return metrics
+
+
+def _input_text(recipe: dict, meta: dict) -> str:
+    side = recipe["model_size"]
+    if meta.get("space") == "latent":
+        return f"{side}x{side}x{recipe['in_channels']} latents of the `{meta['autoencoder']}` autoencoder"
+    return f"{side}x{side} RGB input"
+
+
+def _output_text(recipe: dict, meta: dict) -> str:
+    size = recipe["image_size"]
+    if meta.get("space") == "latent":
+        return f"`{meta['autoencoder']}` decodes the latents to {size}x{size} pixels"
+    return f"outputs are bicubic-upsampled to {size}x{size}"
 
 
 def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
@@ -180,21 +225,24 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
     tokens = (recipe["model_size"] // patch) ** 2
     headline = {k: v for k, v in metrics.items() if k != "vit_accuracy_per_class"}
     per_class = metrics.get("vit_accuracy_per_class") or {}
+    latent = meta.get("space") == "latent"
     lines = [
-        "# shapes-dit: a tiny class-conditional DiT for the synthetic shapes demo", "",
-        f"A pixel-space Diffusion Transformer (`shardlight/models/dit.py`, {recipe['model']}: depth, width and heads "
-        f"in `DIT_MODELS`; {recipe['model_size']}x{recipe['model_size']} RGB input, patch {patch} → {tokens} tokens) "
-        f"with adaLN-Zero blocks, trained to denoise ({recipe['prediction']}-prediction: the network outputs "
-        "v = √ᾱ ε − √(1−ᾱ) x₀ and the sampler recovers ε exactly; "
+        f"# {path.stem}: a tiny class-conditional DiT for the synthetic shapes demo", "",
+        f"A {'latent' if latent else 'pixel'}-space Diffusion Transformer (`shardlight/models/dit.py`, "
+        f"{recipe['model']}: depth, width and heads in `DIT_MODELS`; {_input_text(recipe, meta)}, patch {patch} → "
+        f"{tokens} tokens) with adaLN-Zero blocks, trained to denoise ({recipe['prediction']}-prediction: the network "
+        "outputs v = √ᾱ ε − √(1−ᾱ) x₀ and the sampler recovers ε exactly; "
         f"{recipe['schedule']} β schedule, T={recipe['diffusion_steps']}) with 10% label dropout for "
         f"classifier-free guidance. Sampling: deterministic DDIM, {recipe['sample_steps']} steps, guidance "
-        f"{recipe['guidance']}; outputs are bicubic-upsampled to {recipe['image_size']}x{recipe['image_size']}. "
+        f"{recipe['guidance']}; {_output_text(recipe, meta)}. "
         f"Weights: the EMA copy, fp16, {weights.stat().st_size / 1e6:.1f} MB.", "",
         "## Data",
         f"`shardlight/training/synthetic.py` demo images (24 classes `<color> <shape>`, 64x64 JPEG), "
-        f"{recipe['train_per_class']} per class, seed {recipe['train_seed']}, box-downsampled to "
-        f"{recipe['model_size']}px, random horizontal flips. Evaluation: real held-out images from seed "
-        f"{recipe['eval_seed']}; generation seeds derived from (seed {recipe['eval_seed']}, class, index).", "",
+        f"{recipe['train_per_class']} per class, seed {recipe['train_seed']}, "
+        + ("encoded with their mirror images" if latent else
+           f"box-downsampled to {recipe['model_size']}px, random horizontal flips")
+        + f". Evaluation: real held-out images from seed {recipe['eval_seed']}; generation seeds derived from "
+        f"(seed {recipe['eval_seed']}, class, index).", "",
         "## Hyper-parameters", "", "| name | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in recipe.items()], "",
         "## Measured", "", "| metric | value |", "|---|---|",
@@ -204,8 +252,8 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
            " — **not met**; see docs/dit.md.") + " `reference_cnn_*`: a small CNN trained for "
         "evaluation only on the DiT's own 32 px training images (independent of the shipped ViT); its accuracy "
         "on real held-out images is the ceiling for the generated ones. CLIP-FD: Fréchet distance of CLIP image "
-        "features, generated vs real held-out (lower is better); `_real_at_model_size` is real images reduced "
-        "to 32 px and back, the floor this resolution allows.", "",
+        "features, generated vs real held-out (lower is better); `_real_at_model_size` is real images through the "
+        "model's codec and back (reduced to 32 px and up-sampled, or encoded and decoded), the floor it allows.", "",
         *(["Per class ViT accuracy:", "", "| class | accuracy |", "|---|---|",
            *[f"| {k} | {v:.2f} |" for k, v in per_class.items()], ""] if per_class else []),
         "Training loss (step: mean since the previous entry): " + ", ".join(f"{e['step']}: {e['loss']}" for e in log), "",
@@ -213,7 +261,7 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
         f"({meta.get('software', 'software versions not recorded')}); evaluated with python "
         f"{platform.python_version()}, torch {torch.__version__}.", "",
         "## Reproduce", "", "```",
-        "shardlight train-demo-models configs/models --no-vit --no-clip   # GPU_RECIPE on a CUDA GPU, else the CPU recipe",
+        REPRODUCE_LATENT if latent else REPRODUCE_PIXEL,
         "```", "",
     ]
     path.write_text("\n".join(lines))

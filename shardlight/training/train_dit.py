@@ -1,12 +1,13 @@
-"""Train the demo DiT: a tiny class-conditional pixel-space diffusion transformer on synthetic shapes.
+"""Train the demo DiT: a tiny class-conditional diffusion transformer on synthetic shapes, in pixels or in the
+latent space of the demo autoencoder (`shardlight.models.autoencoder`), as the paper builds it.
 
-The same code trains on CPU (`DitRecipe()`) or on a CUDA GPU (`GPU_RECIPE`, the shipped weights: finer
-patches, more steps); docs/dit.md records what each costs and draws.
-
-Images are rendered by `shardlight.training.synthetic` (64x64 JPEGs, exactly as the demo shards hold them), reduced
-to 32x32 for the model, and the model learns to denoise under a cosine schedule, predicting v (from which
-the sampler recovers ε exactly; see `shardlight.models.diffusion.Diffusion`).
-The EMA weights are shipped as fp16 safetensors with their architecture, class names, schedule and
+The same code trains on CPU or on a CUDA GPU; docs/dit.md records what each recipe costs and draws.
+Pixel recipes: images rendered by `shardlight.training.synthetic` (64x64 JPEGs, exactly as the demo shards
+hold them), reduced to 32x32 for the model. Latent recipes (`autoencoder` set): the 64x64 images and their
+mirror images encoded once by the autoencoder; the DiT models its latent grid and the sampler decodes.
+Either way the model learns to denoise under a cosine schedule, predicting v (from which the sampler
+recovers ε exactly; see `shardlight.models.diffusion.Diffusion`).
+The EMA weights are shipped as fp16 safetensors with their architecture, class names, schedule, codec and
 recipe in the header, plus a model card with metrics measured by the shipped ViT and CLIP.
 """
 
@@ -20,15 +21,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
+from shardlight.models.autoencoder import autoencoder_file, load_autoencoder
 from shardlight.models.diffusion import Diffusion
 from shardlight.models.dit import build_dit
 from shardlight.models.sampler import PixelCodec
+from shardlight.models.weights import read_weights_metadata
 from shardlight.training import synthetic
 from shardlight.training.demo_models import decode, fp16_state, make_samples, metadata, warmup_cosine
 
 DIT_NAME = "shapes-dit"
+LATENT_DIT_NAME = "shapes-latent-dit"
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,10 @@ class DitRecipe:
     """
 
     model: str = "DiT-Tiny/4"  # registry name (shardlight.models.dit.DIT_MODELS)
-    model_size: int = 32  # pixels the model sees (the 64x64 demo images are box-downsampled 2x)
-    image_size: int = 64  # pixels of the stored images (model output is bicubic-upsampled)
+    model_size: int = 32  # side of the model's grid: pixels (64x64 demo images box-downsampled 2x) or latents
+    image_size: int = 64  # pixels of the stored images (pixel models' output is bicubic-upsampled)
+    autoencoder: str | None = None  # latent models: the autoencoder's name (configs/models/NAME.safetensors) or file
+    in_channels: int = 3  # 3 for pixels; the autoencoder's latent channels for latent models
     schedule: str = "cosine"  # β schedule; cosine keeps more signal at small resolutions
     prediction: str = "v"  # network output: v (ε derived exactly at low SNR) rather than ε, see Diffusion
     diffusion_steps: int = 1000  # T
@@ -65,6 +72,10 @@ class DitRecipe:
 
 # Patch 2 draws shapes better than patch 4 at several times the cost per step (the sweep: docs/dit.md).
 GPU_RECIPE = DitRecipe(model="DiT-Tiny/2", steps=14400, batch_size=64)
+# On the autoencoder's 16x16x4 latents, patch 2 gives 64 tokens: a wider, deeper model for the cost of
+# DiT-Tiny/2 on pixels (size and patch chosen by measurement: docs/dit.md).
+LATENT_RECIPE = DitRecipe(model="DiT-Mini/2", model_size=16, autoencoder="shapes-ae", in_channels=4, steps=14400,
+                          batch_size=64)
 
 
 def quick_recipe(recipe: DitRecipe) -> DitRecipe:
@@ -75,19 +86,31 @@ def quick_recipe(recipe: DitRecipe) -> DitRecipe:
 
 # Data --------------------------------------------------------------------------------------------
 
-def training_set(recipe: DitRecipe) -> tuple[torch.Tensor, torch.Tensor]:
+def training_images(recipe: DitRecipe) -> tuple[list[Image.Image], torch.Tensor]:
     """Class-balanced demo images (decoded JPEGs, as the pipeline reads them) and their class ids."""
     samples = make_samples(recipe.train_seed, recipe.train_per_class)
-    pixels = PixelCodec(recipe.model_size, recipe.model_size).encode([decode(s) for s in samples], torch.device("cpu"))
-    labels = torch.tensor([metadata(s)["label_id"] for s in samples])
-    return pixels, labels
+    return [decode(s) for s in samples], torch.tensor([metadata(s)["label_id"] for s in samples])
+
+
+def training_set(recipe: DitRecipe, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """What the DiT models, on the CPU: pixels in [-1, 1], or the latents of every image and of its mirror image
+    (latent models cannot flip on the fly: the encoder is not mirror-equivariant). Encoding runs on `device`."""
+    images, labels = training_images(recipe)
+    if recipe.autoencoder is None:
+        return PixelCodec(recipe.model_size, recipe.model_size).encode(images, torch.device("cpu")), labels
+    autoencoder = load_autoencoder(recipe.autoencoder).to(device)
+    pixels = PixelCodec(recipe.image_size, recipe.image_size).encode(images, torch.device("cpu"))
+    with torch.no_grad():
+        latents = [autoencoder.encode(batch.to(device)).cpu()
+                   for view in (pixels, pixels.flip(-1)) for batch in view.split(512)]
+    return torch.cat(latents), torch.cat([labels, labels])
 
 
 # Training ----------------------------------------------------------------------------------------
 
 def build_demo_model(recipe: DitRecipe) -> torch.nn.Module:
     torch.manual_seed(recipe.init_seed)
-    return build_dit(recipe.model, input_size=recipe.model_size, in_channels=3, learn_sigma=False,
+    return build_dit(recipe.model, input_size=recipe.model_size, in_channels=recipe.in_channels, learn_sigma=False,
                      num_classes=len(synthetic.CLASS_NAMES), class_dropout=recipe.class_dropout)
 
 
@@ -106,17 +129,42 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1 - decay)
 
 
-def train_dit(recipe: DitRecipe, log_every: int | None = None,
-              device: torch.device | str = "cpu") -> tuple[torch.nn.Module, list[dict]]:
+def steps_per_second(recipe: DitRecipe, device: torch.device | str, timed: int = 100) -> float:
+    """The recipe's training-step rate on random batches of its shape (model, loss, optimizer)."""
+    device = torch.device(device)
+    model = build_demo_model(recipe).to(device)
+    diffusion = Diffusion(recipe.schedule, recipe.diffusion_steps, recipe.prediction)
+    opt = make_optimizer(model, recipe, device)
+    x = torch.randn(recipe.batch_size, recipe.in_channels, recipe.model_size, recipe.model_size, device=device)
+    y = torch.randint(0, model.config.num_classes, (recipe.batch_size,), device=device)
+
+    def step() -> None:
+        loss = diffusion.training_loss(model, x, y, min_snr_gamma=recipe.min_snr_gamma)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()  # waits for the GPU
+
+    for _ in range(min(20, timed)):
+        step()
+    start = time.monotonic()
+    for _ in range(timed):
+        step()
+    return timed / (time.monotonic() - start)
+
+
+def train_dit(recipe: DitRecipe, log_every: int | None = None, device: torch.device | str = "cpu",
+              data: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """The training loop; returns the EMA model (on the CPU) and a loss log.
 
     Batches, timesteps and noise come from one CPU generator, so `device` changes speed, not the draws.
+    `data` is `training_set(recipe)` made beforehand (by a caller that times it); None makes it here.
     """
     device = torch.device(device)
     log_every = log_every or max(100, recipe.steps // 36)
-    pixels, labels = training_set(recipe)
-    print(f"{DIT_NAME}: {len(labels)} training images at {recipe.model_size}px (seed {recipe.train_seed})",
-          flush=True)
+    data, labels = data or training_set(recipe, device)
+    print(f"{dit_name(recipe)}: {len(labels)} training {'latents' if recipe.autoencoder else 'images'} of shape "
+          f"{tuple(data.shape[1:])} (seed {recipe.train_seed})", flush=True)
     model = build_demo_model(recipe).to(device)
     diffusion = Diffusion(recipe.schedule, recipe.diffusion_steps, recipe.prediction)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -128,8 +176,8 @@ def train_dit(recipe: DitRecipe, log_every: int | None = None,
     model.train()
     for step in range(recipe.steps):
         idx = torch.randint(0, len(labels), (recipe.batch_size,), generator=gen)
-        x = pixels[idx]
-        if recipe.hflip:
+        x = data[idx]
+        if recipe.hflip and recipe.autoencoder is None:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         loss = diffusion.training_loss(model, x.to(device), labels[idx].to(device), generator=gen,
@@ -144,7 +192,7 @@ def train_dit(recipe: DitRecipe, log_every: int | None = None,
         if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
             n = (step % log_every) + 1
             log.append({"step": step + 1, "loss": round(running / n, 4), "minutes": round((time.monotonic() - start) / 60, 2)})
-            print(f"{DIT_NAME} step {step + 1}/{recipe.steps}: loss {running / n:.4f} "
+            print(f"{dit_name(recipe)} step {step + 1}/{recipe.steps}: loss {running / n:.4f} "
                   f"({log[-1]['minutes']} min)", flush=True)
             running = 0.0
     return ema.cpu(), log
@@ -152,12 +200,26 @@ def train_dit(recipe: DitRecipe, log_every: int | None = None,
 
 # Outputs -----------------------------------------------------------------------------------------
 
+def dit_name(recipe: DitRecipe) -> str:
+    return DIT_NAME if recipe.autoencoder is None else LATENT_DIT_NAME
+
+
+def codec_header(recipe: DitRecipe) -> dict[str, str]:
+    """Pixel models: the space. Latent models: the autoencoder by name (the sampler looks beside the DiT, then
+    in configs/models/) and the digest of its weights, so that no other autoencoder ever decodes this DiT."""
+    if recipe.autoencoder is None:
+        return {"space": "pixel"}
+    path = autoencoder_file(recipe.autoencoder)
+    return {"space": "latent", "autoencoder": path.stem,
+            "autoencoder_sha256": read_weights_metadata(path)["weights_sha256"]}
+
+
 def save_dit(model: torch.nn.Module, path: Path, recipe: DitRecipe, log: list[dict], seconds: float,
              trained_on: str = "CPU") -> None:
     """fp16 safetensors; the header carries everything needed to rebuild and sample the model."""
     meta = {
         "architecture": recipe.model, "dit_config": json.dumps(asdict(model.config)),
-        "class_names": json.dumps(list(synthetic.CLASS_NAMES)), "space": "pixel",
+        "class_names": json.dumps(list(synthetic.CLASS_NAMES)), **codec_header(recipe),
         "image_size": str(recipe.image_size), "model_size": str(recipe.model_size),
         "schedule": recipe.schedule, "diffusion_steps": str(recipe.diffusion_steps),
         "prediction": recipe.prediction,

@@ -1,0 +1,182 @@
+"""The demo autoencoder and the latent DiT path: round trip, the codec through `generate` and `vary`,
+determinism, and loading the autoencoder by name (beside the DiT, from configs/models/, from a run config)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shardlight.core.config import load_config
+from shardlight.core.errors import ModelLoadError
+from shardlight.models import autoencoder as autoencoder_module
+from shardlight.models.autoencoder import Autoencoder, AutoencoderConfig, load_autoencoder, weights_digest
+from shardlight.models.dit import build_dit
+from shardlight.models.sampler import AutoencoderCodec, DiTGenerator
+from shardlight.models.weights import MODEL_DIR, read_weights_metadata
+from shardlight.training.synthetic import CLASS_NAMES
+from shardlight.training.train_autoencoder import AeRecipe, quick_recipe, save_autoencoder, train_autoencoder
+from shardlight.training.train_dit import LATENT_RECIPE, save_dit
+
+TINY_AE = AutoencoderConfig(image_size=16, latent_channels=4, widths=(8,), stem_width=8)  # 16x16x3 <-> 8x8x4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(one_torch_thread):
+    """Tiny torch ops run single-threaded here (see conftest.one_torch_thread)."""
+
+
+def tiny_autoencoder(seed: int = 0) -> Autoencoder:
+    torch.manual_seed(seed)
+    return Autoencoder(TINY_AE).eval()
+
+
+def write_latent_pair(folder: Path, ae_name: str = "tiny-ae", seed: int = 0) -> tuple[Path, Path]:
+    """A tiny autoencoder file and a latent DiT file that names it (random weights, gates opened)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ae_path = folder / f"{ae_name}.safetensors"
+    save_autoencoder(tiny_autoencoder(seed), ae_path, AeRecipe(), [], 0.0)
+    torch.manual_seed(seed)
+    dit = build_dit("DiT-Tiny/2", input_size=8, in_channels=4, num_classes=len(CLASS_NAMES), learn_sigma=False)
+    with torch.no_grad():  # adaLN-Zero starts as the identity; random gates make outputs depend on t and y
+        for layer in [b.modulation for b in dit.blocks] + [dit.final.modulation, dit.final.linear]:
+            layer.weight.normal_(0, 0.05)
+    recipe = replace(LATENT_RECIPE, model="DiT-Tiny/2", model_size=8, image_size=16, autoencoder=str(ae_path),
+                     sample_steps=4)
+    dit_path = folder / "latent-dit.safetensors"
+    save_dit(dit, dit_path, recipe, [], 0.0)
+    return ae_path, dit_path
+
+
+def images(n: int, size: int = 16, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+# The autoencoder -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_shapes_and_latent_scale_round_trip():
+    model = tiny_autoencoder()
+    x = torch.rand(5, 3, 16, 16) * 2 - 1
+    raw = model.encoder(x)[0]
+    assert raw.shape == (5, 4, 8, 8) and TINY_AE.latent_size == 8
+    model.set_latent_scale(raw)
+    z = model.encode(x)
+    assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1) < 1e-4  # unit scale on what it was measured on
+    assert torch.allclose(model.decode(z), model.decoder(raw).clamp(-1, 1), atol=1e-5)  # scale undone exactly
+
+
+def test_saved_autoencoder_loads_identically_with_its_digest(tmp_path):
+    model = tiny_autoencoder()
+    model.set_latent_scale(torch.randn(100) * 3 + 1)
+    path = tmp_path / "ae.safetensors"
+    save_autoencoder(model, path, AeRecipe(), [], 0.0)
+    loaded = load_autoencoder(str(path))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert loaded.config == TINY_AE
+    assert torch.allclose(loaded.decode(loaded.encode(x)), model.half().float().decode(model.encode(x)), atol=1e-3)
+    assert read_weights_metadata(path)["weights_sha256"] == weights_digest(
+        {k: v.half() for k, v in model.state_dict().items()})
+
+
+def test_training_is_deterministic_and_reduces_the_loss():
+    recipe = replace(quick_recipe(AeRecipe()), steps=8, whole_image_steps=2, lr=3e-3)
+    (a, log_a), (b, _) = train_autoencoder(recipe), train_autoencoder(recipe)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert log_a[-1]["l1"] < log_a[0]["l1"]
+
+
+# The latent codec in the sampler -------------------------------------------------------------------
+
+def test_latent_dit_generates_and_varies_through_its_autoencoder(tmp_path):
+    _, dit_path = write_latent_pair(tmp_path)
+    gen = DiTGenerator(str(dit_path))
+    assert isinstance(gen.codec, AutoencoderCodec) and gen.latent and gen.shape == (4, 8, 8)
+    made = gen.generate([0, 5], seeds=[1, 2], steps=3)
+    varied = gen.vary(images(2), [3, 4], seeds=[1, 2], strength=0.5, steps=4)
+    assert [im.size for im in made + varied] == [(16, 16)] * 4
+    again = DiTGenerator(str(dit_path)).generate([0, 5], seeds=[1, 2], steps=3)
+    assert [im.tobytes() for im in made] == [im.tobytes() for im in again]  # same seeds, same pixels
+    alone = gen.generate([5], seeds=[2], steps=3)[0]
+    assert np.abs(np.asarray(alone, np.int16) - np.asarray(made[1], np.int16)).max() <= 1  # batch-independent
+
+
+def test_vary_at_low_strength_keeps_the_autoencoder_reconstruction(tmp_path):
+    _, dit_path = write_latent_pair(tmp_path)
+    gen = DiTGenerator(str(dit_path))
+    sources = images(3, seed=4)
+    rebuilt = gen.codec.decode(gen.codec.encode(sources, gen.device))
+    near = gen.vary(sources, [0, 1, 2], seeds=[7, 8, 9], strength=0.02, steps=25)
+    far = gen.vary(sources, [0, 1, 2], seeds=[7, 8, 9], strength=1.0, steps=25)
+
+    def gap(a, b):
+        return np.mean([np.abs(np.asarray(x, float) - np.asarray(y, float)).mean() for x, y in zip(a, b)])
+
+    assert gap(near, rebuilt) < 0.5 * gap(far, rebuilt)
+
+
+# Loading by name -----------------------------------------------------------------------------------
+
+def test_autoencoder_is_found_by_name_beside_the_dit_then_in_configs_models(tmp_path, monkeypatch):
+    ae_path, dit_path = write_latent_pair(tmp_path / "run")
+    assert read_weights_metadata(dit_path)["autoencoder"] == "tiny-ae"
+    shipped = tmp_path / "models"
+    shipped.mkdir()
+    ae_path.rename(shipped / ae_path.name)  # no longer beside the DiT: found in the models folder instead
+    monkeypatch.setattr(autoencoder_module, "MODEL_DIR", shipped)
+    assert DiTGenerator(str(dit_path)).codec.autoencoder.config == TINY_AE
+    (shipped / ae_path.name).unlink()
+    with pytest.raises(ModelLoadError, match="autoencoder 'tiny-ae' not found") as err:
+        DiTGenerator(str(dit_path))
+    assert "\n" not in str(err.value)
+
+
+def test_a_different_autoencoder_under_the_same_name_is_refused(tmp_path):
+    ae_path, dit_path = write_latent_pair(tmp_path)
+    save_autoencoder(tiny_autoencoder(seed=1), ae_path, AeRecipe(), [], 0.0)  # retrained: other weights
+    with pytest.raises(ModelLoadError, match="not the one the DiT was trained on") as err:
+        DiTGenerator(str(dit_path))
+    assert "\n" not in str(err.value)
+
+
+def test_run_config_checkpoint_loads_the_latent_dit_and_its_autoencoder(tmp_path):
+    _, dit_path = write_latent_pair(tmp_path / "models")
+    config = tmp_path / "run.yaml"
+    config.write_text("augment:\n  enabled: true\n  checkpoint: models/latent-dit.safetensors\n")
+    augment = load_config(config).augment
+    assert Path(augment.checkpoint) == dit_path  # resolved beside the YAML file
+    gen = DiTGenerator(augment.checkpoint, augment.model, augment.vae)
+    assert isinstance(gen.codec, AutoencoderCodec) and gen.generate([1], [0], steps=2)[0].size == (16, 16)
+
+
+# The shipped autoencoder ---------------------------------------------------------------------------
+
+SHIPPED_AE = MODEL_DIR / "shapes-ae.safetensors"
+
+
+@pytest.mark.skipif(not SHIPPED_AE.is_file() or not (MODEL_DIR / "shapes-vit.safetensors").is_file(),
+                    reason="shipped autoencoder or ViT weights missing")
+def test_shipped_autoencoder_reconstructions_keep_their_class():
+    """On a held-out pool no card used (seed 4242, 10 per class): the demo ViT still sees each class."""
+    from shardlight.training.demo_models import decode, held_out_samples, metadata
+    from shardlight.training.dit_eval import vit_accuracy
+    from shardlight.training.train_autoencoder import psnr, reconstruct
+
+    samples = held_out_samples(4242, 10)
+    real, labels = [decode(s) for s in samples], [metadata(s)["label_id"] for s in samples]
+    rebuilt = reconstruct(load_autoencoder("shapes-ae"), real)
+    assert psnr(real, rebuilt).mean() > SHIPPED_PSNR_MIN
+    assert vit_accuracy(rebuilt, labels, list(CLASS_NAMES))["vit_accuracy"] >= SHIPPED_VIT_MIN
+
+
+SHIPPED_PSNR_MIN = 25.0  # placeholder floors, set from the shipped card with margin for 240 images
+SHIPPED_VIT_MIN = 0.96
