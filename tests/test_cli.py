@@ -114,7 +114,9 @@ def test_demo_then_report_then_augment_preview(tmp_path):
     page = out / "report" / "index.html"
     assert f"report: {page}" in report.stdout.replace("\n", "")
     assert re.search(r"<th>rows</th><td>8</td>", page.read_text())
-    assert {p.name for p in (out / "report").glob("*.png")} == {"labels.png", "scores.png", "map.png"}
+    # the report's three charts, beside the preview the demo wrote into the same folder
+    assert {p.name for p in (out / "report").glob("*.png")} == {"labels.png", "scores.png", "map.png",
+                                                               "augment-preview.png"}
 
     dest = tmp_path / "preview.png"
     preview = run_cli("augment-preview", str(out), "--dest", str(dest), "--per-row", "4")
