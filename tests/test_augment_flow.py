@@ -15,6 +15,7 @@ from flows.pipeline import pipeline
 from index.build import load_index
 from index.search import Searcher
 from shardlight.core.config import CONFIG_DIR, load_config
+from shardlight.core.layout import augmented_path
 from shardlight.core.schema import CORE_COLUMNS
 from shardlight.training.synthetic import write_shards
 
@@ -53,7 +54,7 @@ def test_shards_and_parquet_rows_describe_each_image(run):
     config, _ = run
     out = Path(config["output"])
     for shard in ("00000", "00001"):
-        members = _members(out / "augmented" / f"{shard}.tar")
+        members = _members(augmented_path(str(out), shard, "tar"))
         rows = pq.read_table(out / "augmented" / f"{shard}.parquet").to_pylist()
         sources = set(pq.read_table(out / "embeddings" / f"{shard}.parquet")["key"].to_pylist())
         assert len(rows) == sum(PER_SHARD.values()) and set(CORE_COLUMNS) <= set(rows[0])
