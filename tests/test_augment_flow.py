@@ -54,7 +54,7 @@ def test_shards_and_parquet_rows_describe_each_image(run):
     config, _ = run
     out = Path(config["output"])
     for shard in ("00000", "00001"):
-        members = _members(Path(augmented_path(str(out), shard, "tar")))  # OUT/augmented_images/
+        members = _members(augmented_path(str(out), shard, "tar"))
         rows = pq.read_table(out / "augmented" / f"{shard}.parquet").to_pylist()
         sources = set(pq.read_table(out / "embeddings" / f"{shard}.parquet")["key"].to_pylist())
         assert len(rows) == sum(PER_SHARD.values()) and set(CORE_COLUMNS) <= set(rows[0])
@@ -74,8 +74,7 @@ def test_shards_and_parquet_rows_describe_each_image(run):
 
 def test_each_shard_generates_its_own_images(run):
     config, _ = run
-    out = config["output"]
-    pngs = [{name.split("_", 1)[1]: data for name, data in _members(Path(augmented_path(out, shard, "tar"))).items()
+    pngs = [{name.split("_", 1)[1]: data for name, data in _members(augmented_path(config["output"], shard, "tar")).items()
              if "_gen_" in name and name.endswith(".png")} for shard in ("00000", "00001")]
     assert pngs[0].keys() == pngs[1].keys() and len(pngs[0]) == len(CLASSES)  # same classes, same indices...
     assert all(pngs[0][name] != pngs[1][name] for name in pngs[0])  # ...but other seeds, so other images
@@ -93,12 +92,13 @@ def test_index_holds_real_and_generated_rows_and_filters_them(run):
 
 def test_rerun_regenerates_a_lost_shard_identically(run):
     config, first = run
-    tar, rows = (Path(augmented_path(config["output"], "00001", ext)) for ext in ("tar", "parquet"))
-    tar_before, table_before = tar.read_bytes(), pq.read_table(rows)
-    tar.unlink()
-    rows.unlink()
+    rows, tar = (Path(augmented_path(config["output"], "00001", ext)) for ext in ("parquet", "tar"))
+    before = {p: p.read_bytes() for p in (rows, tar)}
+    table_before = pq.read_table(rows)
+    for path in before:
+        path.unlink()
     again = pipeline(config)
     assert again["processed"] == 0 and again["augment"]["processed"] == 1
-    assert tar.read_bytes() == tar_before  # same seeds, same pixels, same bytes
+    assert tar.read_bytes() == before[tar]  # same seeds, same pixels, same bytes
     assert pq.read_table(rows).equals(table_before)
     assert again["augment"]["rows"] == first["augment"]["rows"]

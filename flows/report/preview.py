@@ -80,7 +80,7 @@ def augment_preview(out: str, dest_png: str | Path, max_per_row: int = 8) -> Pat
     """Write the contact sheet of OUT's augmentations to `dest_png`; returns its path.
 
     Args:
-        out: a run's output folder (or URL) holding augmented/<shard>.tar and .parquet files.
+        out: a run's output folder (or URL) holding augmented/<shard>.parquet and augmented_images/<shard>.tar.
         dest_png: where to write the PNG.
         max_per_row: samples shown per class.
     """
