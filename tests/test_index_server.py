@@ -106,7 +106,7 @@ def test_image_route_serves_the_tar_member_bytes(url, searcher):
     ({"text": "x", "key": "y"}, 400, "exactly one of"),
     ({}, 400, "exactly one of"),
     ({"image": "not base64!"}, 400, "not valid base64"),
-    ({"image": base64.b64encode(b"not an image").decode()}, 400, "cannot decode query image"),
+    ({"image": base64.b64encode(b"not an image").decode()}, 400, "cannot decode the query image"),
     ({"vector": [1.0, 2.0]}, 400, "query vector has 2 dimensions, the index has 128"),
     ({"key": "no-such-key"}, 404, "no sample with key"),
     ({"text": "x", "k": "ten"}, 422, "k: Input should be a valid integer"),
