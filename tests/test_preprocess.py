@@ -96,6 +96,23 @@ def test_captions_at_real_length_match_open_clip(which, request):
     np.testing.assert_allclose(clip.embed_texts(short), expected[[0, 1, 3]], atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["shipped", "vit_b32"])
+def test_captions_in_length_buckets_match_open_clip_in_batch_order(which, request):
+    """More captions than one bucket, lengths shuffled: every vector comes back in its caption's place."""
+    from shardlight.models.clip import TEXT_BUCKET
+
+    clip = request.getfixturevalue(which)
+    rng = np.random.default_rng(7)
+    context = clip.model.context_length
+    captions = [" ".join(["word"] * int(n)) for n in rng.integers(0, context + 3, size=2 * TEXT_BUCKET + 5)]
+    tokens = clip.tokenizer(captions)
+    lengths = (tokens != 0).sum(1)
+    assert len(set(lengths.tolist())) > 10 and int(lengths.max()) == context
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(clip.model.encode_text(tokens), dim=-1).numpy()
+    np.testing.assert_allclose(clip.embed_texts(captions), expected, atol=1e-5)
+
+
 def test_towers_that_see_the_padding_keep_the_full_context(shipped):
     from shardlight.models.clip import _cuts_text
 

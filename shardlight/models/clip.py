@@ -2,8 +2,9 @@
 
 Vectors come back L2-normalised float32 on the CPU, whatever the device and autocast dtype. Images come as
 uint8 batches (normalised here, on the model's device, from `pixel_spec`) or as already-normalised floats.
-Captions run at the batch's longest real length where that gives the same vectors as open_clip's padded
-77 tokens (see `_cuts_text`); any other text tower gets the full context.
+Captions run at their real length where that gives the same vectors as open_clip's padded 77 tokens (see
+`_cuts_text`): sorted by length into buckets, each cut to its longest caption; any other text tower gets the
+full context.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from shardlight.core.errors import ModelLoadError
 from shardlight.models.device import autocast
 from shardlight.models.preprocess import PixelSpec, normalize, pixel_spec
 from shardlight.models.weights import MODEL_DIR, check_weight_files, offline_hint, register_repo_models
+
+# Captions per text bucket on a CPU: large enough to keep matmuls efficient, small enough that a bucket's
+# longest caption is close to its others (docs/benchmarks.md).
+TEXT_BUCKET = 16
 
 
 class ClipEmbedder:
@@ -63,11 +68,27 @@ class ClipEmbedder:
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         with autocast(self.device, self.dtype):
             if self.cuts_text:
-                length = int((tokens != 0).sum(dim=1).max())  # SimpleTokenizer pads with 0
-                feats = self._encode_text_cut(tokens[:, :length].to(self.device))
+                feats = self._encode_text_buckets(tokens)
             else:
                 feats = self.model.encode_text(tokens.to(self.device))
         return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    def _encode_text_buckets(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Captions sorted by length and run in buckets, each cut to its own longest caption.
+
+        One long caption no longer makes the whole batch pay for its length. On a GPU the batch stays whole:
+        there the cost is the number of kernel launches, not the padded tokens.
+        """
+        lengths = (tokens != 0).sum(dim=1)  # SimpleTokenizer pads with 0
+        bucket = len(tokens) if self.device.type != "cpu" else TEXT_BUCKET
+        order = torch.argsort(lengths, stable=True)
+        feats = []
+        for chunk in order.split(bucket):
+            length = int(lengths[chunk].max())
+            feats.append(self._encode_text_cut(tokens[chunk, :length].to(self.device)))
+        out = torch.empty((len(tokens), feats[0].shape[1]), dtype=feats[0].dtype, device=feats[0].device)
+        out[order.to(out.device)] = torch.cat(feats)
+        return out
 
     def _encode_text_cut(self, tokens: torch.Tensor) -> torch.Tensor:
         """open_clip's `CLIP.encode_text` on L <= context tokens: positions and causal mask cut to L."""
