@@ -178,5 +178,24 @@ def test_shipped_autoencoder_reconstructions_keep_their_class():
     assert vit_accuracy(rebuilt, labels, list(CLASS_NAMES))["vit_accuracy"] >= SHIPPED_VIT_MIN
 
 
-SHIPPED_PSNR_MIN = 25.0  # placeholder floors, set from the shipped card with margin for 240 images
+SHIPPED_PSNR_MIN = 25.0  # floors below the shipped card's numbers, with margin for 240 images
 SHIPPED_VIT_MIN = 0.96
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_train_demo_models_quick_trains_the_autoencoder_then_the_latent_dit(tmp_path):
+    """`train-demo-models --ae --latent-dit` on a handful of images: both files self-describing, both cards."""
+    from shardlight.training.demo_dit import train_demo_dit
+    from shardlight.training.train_autoencoder import train_demo_autoencoder
+
+    ae = train_demo_autoencoder(tmp_path, quick=True)
+    dit = train_demo_dit(tmp_path, quick=True, device="cpu", latent=True)
+    meta = read_weights_metadata(dit["weights"])
+    assert Path(ae["weights"]).stat().st_size < 2e6 and "psnr_mean" in ae
+    assert meta["space"] == "latent" and meta["autoencoder"] == "shapes-ae"
+    assert meta["autoencoder_sha256"] == read_weights_metadata(ae["weights"])["weights_sha256"]
+    assert "## Measured" in (tmp_path / "shapes-ae.md").read_text()
+    assert "latent-space" in (tmp_path / "shapes-latent-dit.md").read_text()
+    gen = DiTGenerator(dit["weights"])
+    assert gen.shape == (4, 16, 16) and gen.generate([0], [0], steps=2)[0].size == (64, 64)

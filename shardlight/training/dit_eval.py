@@ -70,28 +70,30 @@ def _reference_cnn(classes: int) -> torch.nn.Module:
                                torch.nn.Flatten(), torch.nn.Linear(64, classes))
 
 
-def train_reference_classifier(recipe, epochs: int = 6) -> torch.nn.Module:
+def train_reference_classifier(recipe, epochs: int = 6, device: torch.device | str = "cpu") -> torch.nn.Module:
     """A small CNN on the DiT's training images at `REFERENCE_SIZE` pixels: an independent judge of what the
     DiT draws, seeing exactly the pixels the pixel DiT models (no up-sampling, no JPEG); latent models' decoded
     images are reduced to the same size, so both kinds are judged alike."""
     images, labels = training_images(recipe)
-    pixels = PixelCodec(REFERENCE_SIZE, REFERENCE_SIZE).encode(images, torch.device("cpu"))
+    pixels = PixelCodec(REFERENCE_SIZE, REFERENCE_SIZE).encode(images, torch.device(device))
+    labels = labels.to(device)
     torch.manual_seed(recipe.init_seed)
-    cnn = _reference_cnn(len(synthetic.CLASS_NAMES))
+    cnn = _reference_cnn(len(synthetic.CLASS_NAMES)).to(device)
     opt = torch.optim.AdamW(cnn.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * math.ceil(len(labels) / 64))
     gen = torch.Generator().manual_seed(recipe.init_seed)
     cnn.train()
     for _ in range(epochs):
-        for idx in torch.randperm(len(labels), generator=gen).split(64):
-            flip = torch.rand(len(idx), generator=gen) < 0.5
+        for idx in torch.randperm(len(labels), generator=gen).split(64):  # CPU draws: the same on every device
+            flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
+            idx = idx.to(device)
             x = torch.where(flip[:, None, None, None], pixels[idx].flip(-1), pixels[idx])
             loss = torch.nn.functional.cross_entropy(cnn(x), labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-    return cnn.eval()
+    return cnn.eval().cpu()
 
 
 @torch.no_grad()
@@ -192,7 +194,7 @@ def evaluate_dit(weights: str | Path, device: torch.device | str = "cpu", seed: 
     metrics = {"images_per_class": recipe.eval_per_class, "seed": recipe.eval_seed, "guidance": gen.default_guidance,
                "sample_steps": gen.default_steps}
     metrics.update(vit_accuracy(images, labels, gen.class_names) or {"vit_accuracy": None})
-    cnn = train_reference_classifier(recipe)
+    cnn = train_reference_classifier(recipe, device=device)
     real_labels = [synthetic.CLASS_NAMES.index(json.loads(s["json"])["label"]) for s in held_out]
     size = REFERENCE_SIZE
     metrics["reference_cnn_accuracy"] = reference_accuracy(cnn, images, labels, size)

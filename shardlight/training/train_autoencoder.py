@@ -179,16 +179,18 @@ def evaluate_autoencoder(model: Autoencoder, recipe: AeRecipe) -> dict:
             "vit_accuracy_reconstructed": vit.get("vit_accuracy"),
             "vit_accuracy_original": (vit_accuracy(real, labels, names) or {}).get("vit_accuracy"),
             "vit_accuracy_reconstructed_worst_class": vit.get("vit_accuracy_worst_class"),
-            "latent_shift": float(model.shift), "latent_scale": float(model.scale), "psnr_per_class": per_class}
+            "latent_shift": float(model.shift), "latent_scale": float(model.scale), "psnr_per_class": per_class,
+            "vit_accuracy_reconstructed_per_class": vit.get("vit_accuracy_per_class", {})}
 
 
 # Outputs -----------------------------------------------------------------------------------------
 
-def save_autoencoder(model: Autoencoder, path: Path, recipe: AeRecipe, log: list[dict], seconds: float) -> None:
+def save_autoencoder(model: Autoencoder, path: Path, recipe: AeRecipe, log: list[dict], seconds: float,
+                     trained_on: str | None = None) -> None:
     """fp16 safetensors; the header has the architecture, the digest a latent DiT records, and the recipe."""
     state = fp16_state(model)
     meta = {**autoencoder_header(model, state), "recipe": json.dumps(asdict(recipe)), "loss_log": json.dumps(log),
-            "train_seconds": f"{seconds:.0f}", "trained_on": f"CPU, {torch.get_num_threads()} thread(s)",
+            "train_seconds": f"{seconds:.0f}", "trained_on": trained_on or f"CPU, {torch.get_num_threads()} thread(s)",
             "software": f"python {platform.python_version()}, torch {torch.__version__}"}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
@@ -213,7 +215,8 @@ def write_autoencoder_card(path: Path, weights: Path, metrics: dict) -> None:
     meta = read_weights_metadata(weights)
     recipe, config = json.loads(meta["recipe"]), json.loads(meta["autoencoder_config"])
     side = config["image_size"] // 2 ** len(config["widths"])
-    headline = {k: v for k, v in metrics.items() if k != "psnr_per_class"}
+    headline = {k: v for k, v in metrics.items() if not k.endswith("per_class")}
+    vit = metrics.get("vit_accuracy_reconstructed_per_class") or {}
     met = (metrics.get("vit_accuracy_reconstructed") or 0) >= VIT_TARGET
     lines = [
         f"# {AE_NAME}: the latent space of the latent demo DiT", "",
@@ -232,8 +235,9 @@ def write_autoencoder_card(path: Path, weights: Path, metrics: dict) -> None:
         "## Hyper-parameters", "", "| name | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in recipe.items()], "",
         "## Measured", "", "| metric | value |", "|---|---|", *[f"| {k} | {fmt_metric(v)} |" for k, v in headline.items()], "",
         f"Target: the demo ViT labels ≥ {VIT_TARGET} of the reconstructions correctly — {'met' if met else '**not met**'}.", "",
-        "PSNR per class (dB):", "", "| class | PSNR |", "|---|---|",
-        *[f"| {k} | {v:.2f} |" for k, v in metrics["psnr_per_class"].items()], "",
+        "Per class: PSNR of the reconstructions (dB) and the share the demo ViT labels correctly:", "",
+        "| class | PSNR | ViT |", "|---|---|---|",
+        *[f"| {k} | {v:.2f} | {fmt_metric(vit.get(k))} |" for k, v in metrics["psnr_per_class"].items()], "",
         "Training L1 (step: mean since the previous entry): "
         + ", ".join(f"{e['step']}: {e['l1']}" for e in json.loads(meta["loss_log"])), "",
         f"Training time: {float(meta['train_seconds']) / 60:.1f} min on {meta['trained_on']} ({meta['software']}).", "",

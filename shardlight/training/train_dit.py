@@ -74,8 +74,8 @@ class DitRecipe:
 GPU_RECIPE = DitRecipe(model="DiT-Tiny/2", steps=14400, batch_size=64)
 # On the autoencoder's 16x16x4 latents, patch 2 gives 64 tokens: a wider, deeper model for the cost of
 # DiT-Tiny/2 on pixels (size and patch chosen by measurement: docs/dit.md).
-LATENT_RECIPE = DitRecipe(model="DiT-Mini/2", model_size=16, autoencoder="shapes-ae", in_channels=4, steps=14400,
-                          batch_size=64)
+LATENT_RECIPE = DitRecipe(model="DiT-Mini/2", model_size=16, autoencoder="shapes-ae", in_channels=4, steps=7200,
+                          batch_size=128, ema_decay=0.999)
 
 
 def quick_recipe(recipe: DitRecipe) -> DitRecipe:
