@@ -9,6 +9,7 @@ last and is the shard's "done" marker.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -59,7 +60,7 @@ class ShardEmbedder:
     def describe(self) -> dict:
         return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "batch_size": self.batch_size, "dim": self.clip.dim, "cpus": self.cpus,
-                "threads": torch.get_num_threads(), "text_real_length": self.clip.cuts_text,
+                "threads": torch.get_num_threads(), "nice": os.nice(0), "text_real_length": self.clip.cuts_text,
                 "text_processes": self.text.processes if self.text else 0,
                 **self.decoder.describe()}
 

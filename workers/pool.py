@@ -63,6 +63,10 @@ def connect(spec: RaySpec) -> bool:
     kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     if address == "local":
         kwargs["num_cpus"] = spec.num_cpus
+        # Ray starts its workers at nice 15, so the model threads lose the cores to every other process (the
+        # Prefect server, the driver's progress bar) and stall at each parallel region's barrier; the worker's
+        # decode processes already yield to them (workers/decode_job.py). docs/cluster.md for `ray start`.
+        kwargs["_system_config"] = {"worker_niceness": 0}
         # "Token authentication is enabled for this Ray cluster…": news for a cluster's operator, noise that
         # breaks the progress bar for a private local Ray.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
