@@ -6,14 +6,18 @@
 
 Two passes over OUT/embeddings: one draws the training sample and held-out queries, one adds every
 vector in batches while computing the queries' exact neighbours. Memory is the index itself plus one
-batch. The index is derived data: it can always be rebuilt from Parquet (see index/store.py).
+batch; an index re-ranked from float16 vectors (`…,Refine(SQfp16)`, index/rerank.py) streams them to a
+file beside it instead of holding them. The index is derived data: it can always be rebuilt from Parquet
+(see index/store.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import faiss
@@ -21,7 +25,17 @@ import numpy as np
 import pyarrow as pa
 
 from index.choose import IndexPlan, choose_index, tune_parameter
-from index.store import INDEX_DIR, META, includes_synthetic, load_index, read_meta, save  # noqa: F401  (re-exported)
+from index.rerank import Float16Writer, attach, open_vectors, split_factory
+from index.store import (  # noqa: F401  (INDEX_DIR, META, load_index: re-exported)
+    INDEX_DIR,
+    META,
+    file_names,
+    includes_synthetic,
+    load_index,
+    read_meta,
+    save,
+    vectors_workfile,
+)
 from index.tune import ExactTopK, tune
 from index.vectors import (  # noqa: F401  (embedding_files, fingerprint: re-exported for flows/)
     dimension,
@@ -51,8 +65,9 @@ def gpu_count() -> int:
 
 
 def new_index(dim: int, factory: str) -> faiss.Index:
+    """An empty index for `factory`; for `…,Refine(SQfp16)` its base (the float16 rows live in a file)."""
     try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        return faiss.index_factory(dim, split_factory(factory)[0], faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise IndexStateError(f"bad FAISS factory string {factory!r}: {last_line(err)}") from None
 
@@ -160,24 +175,60 @@ def build_index(out: str, factory: str = "Flat", train_sample: int = 100_000, np
     train(index, train_x)
     trained_at = time.perf_counter()
     exact = ExactTopK(queries, query_ids, min(RECALL_K, max(1, total - 1)))
-    id_tables, first = [], 0
-    for vectors, ids in iter_vectors(files):
-        index.add(vectors)
-        exact.update(vectors, first)
-        first += len(vectors)
-        id_tables.append(ids)
-    added_at = time.perf_counter()
-    tuning = tune(index, plan.tune, queries, query_ids, exact.ids, recall_target, fixed=nprobe)
+    vectors = vectors_workfile(out, fingerprint(files)) if split_factory(plan.factory)[1] else None
+    with removed_on_error(vectors):
+        ids = add_all(index, files, exact, Float16Writer(vectors, dim, total) if vectors else None)
+        index = attach(index, open_vectors(vectors)) if vectors else index
+        added_at = time.perf_counter()
+        meta = _tuned_meta(index, plan, files, factory, dim, model, queries, query_ids, exact.ids, recall_target,
+                           nprobe)
+        meta["synthetic"] = synthetic
+        meta["timings"] = {"train_s": round(trained_at - start, 3), "add_s": round(added_at - trained_at, 3),
+                           "tune_s": round(time.perf_counter() - added_at, 3)}
+        meta["build_seconds"] = round(time.perf_counter() - start, 3)
+        save(out, index, ids, meta, vectors)
+    return meta
+
+
+@contextmanager
+def removed_on_error(path: str | None):
+    """Delete the temporary file `path` when the block fails (a killed process leaves it as `.NAME.<hex>.tmp`,
+    which the next run removes)."""
+    try:
+        yield
+    except BaseException:
+        if path and os.path.exists(path):
+            os.remove(path)
+        raise
+
+
+def _tuned_meta(index: faiss.Index, plan: IndexPlan, files: list[str], requested: str, dim: int,
+                model: dict | None, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
+                recall_target: float, nprobe: int | None) -> dict:
+    """Tune the search parameters on the held-out queries and describe the build."""
+    tuning = tune(index, plan.tune, queries, query_ids, truth, recall_target, fixed=nprobe)
     if tuning["param"] and not tuning.get("reached"):
         log.warning("index %s reaches recall@%d %.3f, below the %.2f target", plan.factory, RECALL_K,
                     tuning["recall_at_k"], recall_target)
-    meta = _meta(files, index, plan, factory, dim, model, tuning, quantization_error(index, queries))
-    meta["synthetic"] = synthetic
-    meta["timings"] = {"train_s": round(trained_at - start, 3), "add_s": round(added_at - trained_at, 3),
-                       "tune_s": round(time.perf_counter() - added_at, 3)}
-    meta["build_seconds"] = round(time.perf_counter() - start, 3)
-    save(out, index, pa.concat_tables(id_tables), meta)
-    return meta
+    return _meta(files, index, plan, requested, dim, model, tuning, quantization_error(index, queries))
+
+
+def add_all(index: faiss.Index, files: list[str], exact: ExactTopK | None = None,
+            vectors: Float16Writer | None = None) -> pa.Table:
+    """Add every vector of `files` (ids in file order, continuing from `index.ntotal`), also streaming them to
+    the float16 `vectors` file and the running `exact` top-k when given; returns the id columns added."""
+    id_tables, first = [], int(index.ntotal)
+    for batch, ids in iter_vectors(files):
+        index.add(batch)
+        if exact is not None:
+            exact.update(batch, first)
+        if vectors is not None:
+            vectors.write(batch)
+        first += len(batch)
+        id_tables.append(ids)
+    if vectors is not None:
+        vectors.close()
+    return pa.concat_tables(id_tables)
 
 
 def is_current(out: str, factory: str | None = None, synthetic: bool | None = None) -> bool:
@@ -200,5 +251,5 @@ def _meta(files: list[str], index: faiss.Index, plan: IndexPlan, requested: str,
         "tuning": tuning, "quantization_error": error, "model": model or {}, "fingerprint": build,
         "shards": len(files), "inputs": [signature(u) for u in files],
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": {"index": f"image.{build}.faiss", "ids": f"ids.{build}.parquet"},
+        "files": file_names(build, split_factory(plan.factory)[1]),
     }

@@ -4,8 +4,9 @@ recall target.
 Queries are vectors sampled from the data set; each query's own row is left out of both the exact and
 the approximate answer, so a query never "finds itself" and recall is that of a held-out query.
 
-An index with an exact re-rank step (`…,RFlat`: FAISS `IndexRefineFlat`, which re-scores the top
-`k × k_factor_rf` candidates of the compressed index against the stored float vectors) has two knobs. For
+An index with an exact re-rank step (FAISS `IndexRefine`, which re-scores the top `k × k_factor_rf`
+candidates of the compressed index against stored vectors: float16 ones memory-mapped from disk for
+`…,Refine(SQfp16)`, index/rerank.py, or float32 ones in RAM for `…,RFlat`) has two knobs. For
 each re-rank depth the smallest search breadth that reaches the target is found, and the pair with the
 most queries/s wins; `meta.json` records both under `tuning.params`.
 """

@@ -18,9 +18,11 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from index.build import build_index, quantization_error
-from index.store import includes_synthetic, load_index, read_meta, save
-from index.vectors import file_name, fingerprint, index_files, iter_vectors, sample, signature
+from index.build import add_all, build_index, quantization_error, removed_on_error
+from index.rerank import Float16Writer, attach, detach, open_vectors
+from index.store import file_names, includes_synthetic, load_index, read_meta, save, vectors_workfile
+from index.tune import apply_tuning
+from index.vectors import file_name, fingerprint, index_files, num_rows, sample, signature
 
 log = logging.getLogger("shardlight")
 
@@ -79,17 +81,32 @@ def update_index(out: str, *, rebuild_on_drift: bool = False, drift_tolerance: f
     drift = _drift(index, meta, new, drift_tolerance)
     if drift["drifted"] and rebuild_on_drift:
         return _rebuild(out, meta, f"data drifted (quantization error ×{drift['ratio']:.2f})", **build_kwargs)
-    tables = [ids]
-    for vectors, id_table in iter_vectors(new):
-        index.add(vectors)
-        tables.append(id_table)
+    index, vectors, added = _add(out, index, new, fingerprint(files), meta)
     updated = _updated_meta(meta, files, index, drift, len(new), time.perf_counter() - start)
-    save(out, index, pa.concat_tables(tables), updated)
+    save(out, index, pa.concat_tables([ids, added]), updated, vectors)
     if drift["drifted"]:
         log.warning("new data fits the index's quantizer %.2f× worse than at build time: consider a rebuild "
                     "(`shardlight index-update %s --rebuild-on-drift` or `shardlight index %s`)",
                     drift["ratio"], out, out)
     return updated
+
+
+def _add(out: str, index, new: list[str], build: str, meta: dict):
+    """(index, its new float16 vectors file or None, the id columns added) after adding `new`'s vectors.
+
+    An index re-ranked from float16 vectors gets a new file: the old rows copied, the new ones appended (the
+    served file is never written to, so it keeps serving until the new build is published)."""
+    base, mapped = detach(index)
+    if mapped is None:
+        return index, None, add_all(index, new)
+    vectors = vectors_workfile(out, build)
+    with removed_on_error(vectors):
+        writer = Float16Writer(vectors, base.d, base.ntotal + sum(num_rows(u) for u in new))
+        writer.copy_from(mapped)
+        added = add_all(base, new, vectors=writer)
+        index = attach(base, open_vectors(vectors))
+    apply_tuning(index, meta.get("tuning") or {})
+    return index, vectors, added
 
 
 def _drift(index, meta: dict, new: list[str], tolerance: float) -> dict:
@@ -112,6 +129,6 @@ def _updated_meta(meta: dict, files: list[str], index, drift: dict, added_files:
     return {
         **meta, "count": int(index.ntotal), "fingerprint": build, "shards": len(files),
         "inputs": [signature(u) for u in files], "drift": drift, "updates": history,
-        "files": {"index": f"image.{build}.faiss", "ids": f"ids.{build}.parquet"},
+        "files": file_names(build, "vectors" in meta["files"]),
         "update": {"mode": "added", "added": added, "shards": added_files},
     }
