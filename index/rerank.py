@@ -101,6 +101,12 @@ def create(path: str, d: int, n: int) -> None:
         f.truncate(data_offset(d) + n * d * 2)
 
 
+def copy_rows(vectors: faiss.Index, path: str, first: int = 0) -> None:
+    """Write every row of an open vectors file into rows `first…` of a file made by `create`."""
+    for start in range(0, vectors.ntotal, COPY_ROWS):
+        write_rows(path, vectors.d, first + start, vectors.reconstruct_n(start, min(COPY_ROWS, vectors.ntotal - start)))
+
+
 def write_rows(path: str, d: int, first: int, vectors: np.ndarray) -> None:
     """Write rows `first…` of a file made by `create` (disjoint ranges may be written concurrently)."""
     with open(path, "r+b") as f:

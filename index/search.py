@@ -65,7 +65,7 @@ class Searcher:
 
     def __init__(self, out: str | Path, device: str = "cpu"):
         self.out = str(out)
-        self.index, ids, self.meta = load_index(self.out)
+        self.index, ids, self.meta = load_index(self.out, mmap=True)  # IVF lists and float16 rows stay on disk
         self.shards = ids.column("shard").to_pylist()
         self.rows = ids.column("row").to_numpy()
         self.keys = ids.column("key").to_pylist()

@@ -43,8 +43,12 @@ class ExactTopK:
         ids = np.arange(first_id, first_id + len(vectors))
         inside = np.flatnonzero((self.query_ids >= first_id) & (self.query_ids < first_id + len(vectors)))
         sims[inside, self.query_ids[inside] - first_id] = -np.inf  # held out: a query is not its own neighbour
-        all_scores = np.concatenate([self.scores, sims], axis=1)
-        all_ids = np.concatenate([self.ids, np.broadcast_to(ids, sims.shape)], axis=1)
+        self.merge(sims, np.broadcast_to(ids, sims.shape))
+
+    def merge(self, scores: np.ndarray, ids: np.ndarray) -> None:
+        """Fold in candidates (scores and ids per query), e.g. another part's exact top-k over other rows."""
+        all_scores = np.concatenate([self.scores, scores], axis=1)
+        all_ids = np.concatenate([self.ids, ids], axis=1)
         keep = np.argpartition(-all_scores, self.k - 1, axis=1)[:, : self.k]
         self.scores = np.take_along_axis(all_scores, keep, axis=1)
         self.ids = np.take_along_axis(all_ids, keep, axis=1)
