@@ -60,12 +60,16 @@ class RayRunner:
                                       retry_exceptions=list(RETRIED))
         pending = {task.remote(job_ref, n, max(1, int(self.cpus)), self.add): n for n in numbers}
         results, start = [], time.perf_counter()
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            number = pending.pop(done[0])
-            results.append(self._result(done[0], number))
-            log.info("index part %d done (%d/%d, %s rows, %.1fs in the task, %.0fs so far)", number, len(results),
-                     len(numbers), f"{results[-1]['rows']:,}", results[-1]["seconds"], time.perf_counter() - start)
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                number = pending.pop(done[0])
+                results.append(self._result(done[0], number))
+                log.info("index part %d done (%d/%d, %s rows, %.1fs in the task, %.0fs so far)", number, len(results),
+                         len(numbers), f"{results[-1]['rows']:,}", results[-1]["seconds"], time.perf_counter() - start)
+        except BaseException:
+            _cancel(list(pending))  # nothing may still write into the work folder the driver removes
+            raise
         return results
 
     def _result(self, ref, number: int) -> dict:
@@ -78,6 +82,13 @@ class RayRunner:
         if result.get("error") is not None:
             raise result["error"]
         return result
+
+
+def _cancel(refs: list, wait_s: float = 30.0) -> None:
+    for ref in refs:
+        ray.cancel(ref, force=True, recursive=True)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=wait_s)
 
 
 def build_on_ray(out: str, spec: BuildSpec, ray_spec: RaySpec = RaySpec(), part_rows: int = PART_ROWS,

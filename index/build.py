@@ -140,9 +140,9 @@ def _supports_codec(index: faiss.Index) -> bool:
         return False
 
 
-def _plan(factory: str, n: int, dim: int, memory_budget: int | None) -> IndexPlan:
+def _plan(factory: str, n: int, dim: int, memory_budget: int | None, on_disk: bool = False) -> IndexPlan:
     if factory == "auto":
-        return choose_index(n, dim, memory_budget)
+        return choose_index(n, dim, memory_budget, on_disk)
     return IndexPlan(factory, "given", 0, tune_parameter(factory))
 
 
@@ -211,15 +211,15 @@ def build_index(out: str, factory: str = "Flat", train_sample: int = 100_000, np
         return publish(out, spec, t, index, ids, exact.ids, time.perf_counter() - added, vectors)
 
 
-def train_new(out: str, spec: BuildSpec) -> Trained:
+def train_new(out: str, spec: BuildSpec, on_disk: bool = False) -> Trained:
     """Choose the index for OUT's files, draw the training sample (spread evenly over all rows) and the held-out
-    tuning queries in one pass, and train."""
+    tuning queries in one pass, and train. `on_disk`: its lists will be merged on disk (index/parts.py)."""
     files = index_files(out, spec.synthetic)
     if not embedding_files(out):
         raise IndexStateError(f"no embeddings under {join(out, 'embeddings')}: run `shardlight run` first")
     start = time.perf_counter()
     dim, total = dimension(files), sum(num_rows(u) for u in files)
-    plan = _plan(spec.factory, total, dim, spec.memory_budget)
+    plan = _plan(spec.factory, total, dim, spec.memory_budget, on_disk)
     index = new_index(dim, plan.factory)
     ivf = _ivf(index)
     wanted = spec.train_sample

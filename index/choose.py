@@ -34,6 +34,7 @@ FAST_SCAN_DIMS_PER_CODE = 8  # 4-bit fast-scan PQ with one 4-bit code per 8 dime
 # Lists for the fast-scan index: about √n, not 4·√n. Scanning a code costs ~1/64 of a float vector, so the
 # coarse quantizer (nlist·d per query) dominates and fewer, longer lists are faster at the same recall.
 FAST_SCAN_LISTS_PER_ROOT = 1
+HNSW_LINK_BYTES = 32 * 2 * 4 + 16  # an HNSW32 node's links (two levels' worth, int32) and level data, roughly
 
 
 @dataclass
@@ -43,7 +44,7 @@ class IndexPlan:
     bytes_estimate: int  # memory (RAM) the populated index needs
     tune: str | None  # search parameter to tune: nprobe, efSearch, or None (exact); with a re-rank
     # (`…,Refine(SQfp16)`, `…,RFlat`) its depth k_factor_rf is tuned alongside it (index/tune.py)
-    mapped_bytes: int = 0  # float16 vectors kept on disk and memory-mapped for the re-rank (not RAM)
+    mapped_bytes: int = 0  # on disk and memory-mapped, not RAM: the float16 re-rank rows (and lists merged on disk)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,8 +73,12 @@ def _ivf(nlist: int) -> str:
     return f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}"
 
 
-def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
-    """The index type for `n` vectors of `dim` floats that fits `memory_budget` bytes."""
+def choose_index(n: int, dim: int, memory_budget: int | None = None, on_disk: bool = False) -> IndexPlan:
+    """The index type for `n` vectors of `dim` floats that fits `memory_budget` bytes of RAM.
+
+    `on_disk`: the index is built in parts and its inverted lists merged on disk and memory-mapped
+    (index/parts.py), so when even the fast-scan codes do not fit, RAM need only hold the coarse quantizer.
+    """
     budget = memory_budget or default_memory_budget()
     flat_bytes = n * dim * 4
     if n * dim <= FLAT_MAX_CELLS and flat_bytes <= budget:
@@ -88,6 +93,8 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPla
         return IndexPlan(f"{_ivf(fs_lists)},PQ{codes}x4fs{REFINE}", f"{n} vectors: 4-bit fast-scan inverted lists "
                          "in RAM, re-ranked exactly from float16 vectors memory-mapped from disk",
                          fast_scan_bytes, "nprobe", mapped)
+    if on_disk:
+        return _on_disk_plan(n, dim, nlist, budget, mapped)
     if flat_bytes + overhead <= budget:
         return IndexPlan(f"{ivf},Flat", f"{n} vectors: inverted lists over uncompressed vectors fit the budget",
                          flat_bytes + overhead, "nprobe")
@@ -106,6 +113,21 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPla
                              "memory-mapped float16 vectors", pq_bytes, "nprobe", mapped)
     raise IndexStateError(f"{n} vectors of dimension {dim} cannot fit a {_gib(budget)} memory budget "
                           "(even 8-byte PQ codes do not); raise the budget or shard the index")
+
+
+def _on_disk_plan(n: int, dim: int, nlist: int, budget: int, mapped: int) -> IndexPlan:
+    """8-bit PQ (`d/8` bytes a vector, SQ8 when `d` does not split) in lists merged on disk, re-ranked from float16:
+    RAM holds the coarse quantizer (centroids, and its HNSW graph from 16,384 lists on)."""
+    ivf = _ivf(nlist)
+    codec, code_bytes = (f"PQ{dim // 8}", dim // 8) if dim % 8 == 0 else ("SQ8", dim)
+    ram = nlist * dim * 4 + (nlist * HNSW_LINK_BYTES if nlist >= HNSW_QUANTIZER_LISTS else 0)
+    if ram > budget:
+        raise IndexStateError(f"the coarse quantizer of {n} vectors ({_gib(ram)}) does not fit a {_gib(budget)} "
+                              "memory budget; raise the budget or shard the index")
+    lists = n * (code_bytes + 8)
+    return IndexPlan(f"{ivf},{codec}{REFINE}", f"{n} vectors: the fast-scan codes exceed the {_gib(budget)} budget; "
+                     f"{code_bytes}-byte codes in inverted lists merged on disk ({_gib(lists)}), re-ranked from "
+                     "memory-mapped float16 vectors", ram, "nprobe", mapped + lists)
 
 
 def fast_scan_codes(dim: int) -> int:

@@ -133,7 +133,7 @@ def cleaned_up(folder: str):
 def prepare(out: str, spec: BuildSpec, part_rows: int = PART_ROWS) -> tuple[PartsJob | None, Trained]:
     """Train once and lay out the parts (the driver's first step); no job for an index without inverted lists
     (`Flat`, `HNSW`: auto's choice for small sets), which is built in one process."""
-    t = train_new(out, spec)
+    t = train_new(out, spec, on_disk=True)
     if not _has_lists(t.index):
         return None, t
     work = work_folder(out, fingerprint(t.files))

@@ -48,6 +48,16 @@ def test_a_budget_far_below_the_vectors_still_gets_fast_scan_with_the_rerank_on_
     assert plan.factory == "IVF2048,PQ64x4fs,Refine(SQfp16)" and plan.bytes_estimate <= 1 << 30
 
 
+def test_past_the_fast_scan_budget_an_index_built_in_parts_keeps_its_lists_on_disk():
+    n, dim, budget = 1_000_000_000, 512, 32 << 30  # 40 GB of fast-scan codes and ids: not in 32 GiB of RAM
+    plan = choose_index(n, dim, budget, on_disk=True)
+    assert plan.factory == "IVF131072_HNSW32,PQ64,Refine(SQfp16)"  # 8-bit PQ, lists merged on disk
+    assert plan.bytes_estimate < 1 << 30 and plan.mapped_bytes == n * dim * 2 + n * (64 + 8)
+    assert choose_index(n, dim, budget).factory.startswith("OPQ")  # in RAM: the smallest codes that fit
+    with pytest.raises(IndexStateError, match="cannot fit"):
+        choose_index(5 * n, dim, budget)
+
+
 def test_tight_budget_compresses_scalar_first_then_pq():
     n, dim = 1_000_000, 504  # no even fast-scan split (63 codes): the older ladder, now re-ranked from float16
     assert choose_index(n, dim, 1 << 30).factory == "IVF4096,SQ8,Refine(SQfp16)"  # 2 GB float32 does not fit
