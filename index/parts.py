@@ -111,10 +111,14 @@ def split(files: list[str], part_rows: int, first: int = 0) -> list[Part]:
     return parts
 
 
-def work_folder(out: str, build: str) -> str:
+def _check_local(out: str) -> None:
     if not is_local(out):
         raise IndexStateError(f"building the index in parts needs OUT on a filesystem every worker mounts, not {out}: "
                               "build it in one process (`shardlight index OUT` without parts)")
+
+
+def work_folder(out: str, build: str) -> str:
+    _check_local(out)
     folder = Path(local_path(join(out, INDEX_DIR))) / f".parts.{build}.{uuid.uuid4().hex[:8]}.tmp"
     folder.mkdir(parents=True)
     return str(folder)
@@ -133,6 +137,7 @@ def cleaned_up(folder: str):
 def prepare(out: str, spec: BuildSpec, part_rows: int = PART_ROWS) -> tuple[PartsJob | None, Trained]:
     """Train once and lay out the parts (the driver's first step); no job for an index without inverted lists
     (`Flat`, `HNSW`: auto's choice for small sets), which is built in one process."""
+    _check_local(out)
     t = train_new(out, spec, on_disk=True)
     if not _has_lists(t.index):
         return None, t

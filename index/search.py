@@ -66,9 +66,8 @@ class Searcher:
     def __init__(self, out: str | Path, device: str = "cpu"):
         self.out = str(out)
         self.index, ids, self.meta = load_index(self.out, mmap=True)  # IVF lists and float16 rows stay on disk
-        self.shards = ids.column("shard").to_pylist()
         self.rows = ids.column("row").to_numpy()
-        self.keys = ids.column("key").to_pylist()
+        self._keys = ids.column("key")  # kept in Arrow, not as Python strings: a fraction of the memory (docs/scale.md)
         sources = ids.column("source") if "source" in ids.column_names else pa.array(["embeddings"] * ids.num_rows)
         parts = pc.dictionary_encode(pc.binary_join_element_wise(sources, ids.column("shard"), "/"))
         if isinstance(parts, pa.ChunkedArray):
@@ -121,7 +120,7 @@ class Searcher:
 
     def id_of_key(self, key: str) -> int:
         if self._id_of_key is None:
-            self._id_of_key = {k: i for i, k in enumerate(self.keys)}
+            self._id_of_key = {k: i for i, k in enumerate(self._keys.to_pylist())}
         if key not in self._id_of_key:
             raise KeyNotFound(f"no sample with key {key!r} in the index")
         return self._id_of_key[key]
@@ -247,7 +246,7 @@ class Searcher:
         return {c: table.column(c).to_pylist() for c in wanted}
 
     def _hit(self, i: int, score: float) -> Hit:
-        shard, row = self.shards[i], int(self.rows[i])
+        shard, row = self.parts[int(self.part_of[i])].split("/", 1)[1], int(self.rows[i])
         cols = self._shard_columns(int(self.part_of[i]))
         synthetic = bool(cols["synthetic"][row]) if "synthetic" in cols else False
         return Hit(key=cols["key"][row], score=score, caption=cols["caption"][row], label=cols["label"][row],
