@@ -103,3 +103,33 @@ def test_an_expected_error_is_not_retried_and_the_previous_index_stays(tmp_path,
         build_on_ray(str(tmp_path), SPEC, part_rows=800, runner=RayRunner(add=_refuse))
     assert read_meta(str(tmp_path)) == before
     assert not [p for p in os.listdir(tmp_path / "index") if p.endswith(".tmp")]
+
+
+def test_cli_index_parts_builds_on_the_running_ray(tmp_path, local_ray):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _data(tmp_path)
+    result = CliRunner().invoke(app, ["index", str(tmp_path), "--factory", "IVF16,SQ8", "--parts", "--part-rows", "800"])
+    assert result.exit_code == 0, result.output
+    assert "3200 vectors" in result.output and "4 parts merged on disk" in result.output
+    assert "lists" in read_meta(str(tmp_path))["files"]
+
+
+def test_update_on_ray_adds_parts_like_an_update_in_one_process(tmp_path, local_ray):
+    from flows.index_build import build_on_ray, update_on_ray
+    from index.update import update_index
+
+    here, there = tmp_path / "sequential", tmp_path / "ray"
+    for out in (here, there):
+        _data(out)
+    build_in_parts(str(here), SPEC, part_rows=800)
+    build_on_ray(str(there), SPEC, part_rows=800)
+    for out in (here, there):
+        write_shard(out, "00004", clustered(500, DIM, seed=4))
+        write_shard(out, "00005", clustered(500, DIM, seed=5))
+    update_index(str(here), part_rows=500)
+    meta = update_on_ray(str(there), part_rows=500)
+    assert meta["update"] == {"mode": "added", "added": 1000, "shards": 2} and meta["count"] == 4200
+    _same_index(here, there)
