@@ -81,12 +81,12 @@ def rates(dim: int, n_add: int, lists: int = LISTS, hnsw_lists: int = HNSW_QUANT
 
 
 def id_map_bytes(n: int = 1_000_000) -> dict:
-    """Bytes per row of the searcher's id map: as index/search.py holds it now (the key column in Arrow: its
+    """Bytes per row of the searcher's id map: as index/search.py holds it now (key and shard columns in Arrow: their
     buffers' size; rows int64 and parts int32 in numpy) and as it held it before (keys and shards as Python
     strings: this process's resident growth while making them)."""
     table = pa.table({"shard": [f"{i // 10000:05d}" for i in range(n)],
                       "key": [f"{i // 10000:05d}{i % 10000:07d}" for i in range(n)]})
-    arrow = (table.column("key").nbytes + n * (8 + 4)) / n
+    arrow = (table.column("key").nbytes + table.column("shard").nbytes + n * (8 + 4)) / n
     gc.collect()
     before = rss()
     held = (table.column("key").to_pylist(), table.column("shard").to_pylist())
