@@ -45,6 +45,7 @@ from index.vectors import embedding_files, iter_vectors  # noqa: E402
 
 SIZES = (10_000_000, 100_000_000, 1_000_000_000, 5_000_000_000)
 LISTS = 1024
+PQ_TRAIN = 10_000  # points the PQ codebooks are trained on (≥ 39 per 8-bit centroid)
 
 
 def timed(fn) -> float:
@@ -69,7 +70,7 @@ def rates(dim: int, n_add: int, lists: int = LISTS, hnsw_lists: int = HNSW_QUANT
     for name, codec in (("fast_scan", f"PQ{dim // 8}x4fs"), ("pq8", f"PQ{dim // 8}")):
         index = faiss.index_factory(dim, f"IVF{lists},{codec}", faiss.METRIC_INNER_PRODUCT)
         index.quantizer.add(quantizer.reconstruct_n(0, lists))  # the same trained lists: time the codec only
-        out[f"train_{name}_s"] = timed(lambda: index.train(sample))
+        out[f"train_{name}_s"] = timed(lambda: index.train(x[:PQ_TRAIN]))  # codebooks: a fixed-size sample
         add = timed(lambda: index.add(x)) / n_add
         out[f"encode_{name}_s_per_vector"] = max(0.0, add - out["assign_flat_s_per_vector_per_list"] * lists)
     with tempfile.TemporaryDirectory() as work:
@@ -144,13 +145,17 @@ def main() -> None:
     parser.add_argument("--add", type=int, default=100_000, help="vectors added per measurement")
     parser.add_argument("--lists", type=int, default=LISTS, help="lists of the measured k-means and flat assignment")
     parser.add_argument("--hnsw-lists", type=int, default=HNSW_QUANTIZER_LISTS, help="centroids in the HNSW quantizer")
+    parser.add_argument("--dims", type=int, nargs="+", default=[512, 768])
     parser.add_argument("--budget-gib", type=float, default=32, help="RAM budget of a serving node")
     parser.add_argument("--node-cores", type=int, default=16, help="cores per build node (autofaiss used 16)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     faiss.omp_set_num_threads(1)
     load = os.getloadavg()
-    measured = [rates(d, args.add, args.lists, args.hnsw_lists) for d in (512, 768)]
+    measured = []
+    for d in args.dims:
+        measured.append(rates(d, args.add, args.lists, args.hnsw_lists))
+        print(json.dumps(measured[-1]), flush=True)
     per_row = id_map_bytes()
     for r in measured:
         r["id_map_bytes_per_row"] = per_row
