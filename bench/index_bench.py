@@ -14,6 +14,11 @@ goes hits both alike. Each index's queries/s is the median over rounds, its spre
 of the round times, and every speed-up is a ratio of medians from the same rounds. The load average is
 recorded before and after, and a warning is printed when a spread is wide.
 
+Memory, per index built through `build_index`: `index_mib` is its FAISS file, read into RAM when loaded
+(`load_heap_mib`: this process's anonymous memory growth while loading it); `mapped_mib` is the float16
+vectors file of a re-ranked index (`…,Refine(SQfp16)`), memory-mapped, and `mapped_resident_mib` how much of
+it this process had resident after the timed searches (pages the re-rank touched; the OS may drop them).
+
 `--candidates` also builds each given FAISS factory string in memory over the same vectors and measures
 its recall@10 / queries/s curve over a grid of search parameters (nprobe, efSearch, re-rank depth), each
 grid point interleaved with Flat in the same rounds: the curves `index/choose.py` is based on.
@@ -142,9 +147,30 @@ def flat_vectors(flat: faiss.IndexFlat) -> np.ndarray:
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
 
-def index_bytes(out: str) -> int:
+def index_files(out: str) -> dict[str, Path]:
+    """The index's files by role (`index`: read into RAM; `vectors`: float16 rows, memory-mapped)."""
     meta = json.loads((Path(out) / INDEX_DIR / "meta.json").read_text())
-    return (Path(out) / INDEX_DIR / meta["files"]["index"]).stat().st_size
+    return {role: Path(out) / INDEX_DIR / name for role, name in meta["files"].items() if role != "ids"}
+
+
+def rss_kib(field: str = "RssAnon") -> int:
+    """This process's resident memory of one kind (RssAnon: heap; RssFile: mapped file pages), KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return 0
+
+
+def mapped_resident_kib(path: Path) -> int:
+    """KiB of `path` resident in this process's mappings (its pages the searches touched), from smaps."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and not head[0].endswith(":"):  # a mapping's header line: address perms offset dev inode [path]
+            inside = len(head) >= 6 and head[5] == str(path.resolve())
+        elif inside and head[0] == "Rss:":
+            total += int(head[1])
+    return total
 
 
 def noisy(name: str, result: dict) -> list[str]:
@@ -171,10 +197,15 @@ def build(work: Path, factory: str, args) -> tuple[faiss.Index, dict]:
     (out / "embeddings").symlink_to(work / "embeddings", target_is_directory=True)
     meta = build_index(str(out), factory, train_sample=train_size(factory, args), recall_target=args.recall_target,
                        memory_budget=args.memory_budget)
+    heap_before = rss_kib()
     index, _, _ = load_index(str(out))
+    files = index_files(str(out))
     row = {"factory": meta["factory"], "requested": factory, "reason": meta["choice"]["reason"],
            "tuned": {"params": meta["tuning"].get("params"), "recall_at_10_held_out": meta["tuning"]["recall_at_k"]},
-           "build_s": meta["build_seconds"], "timings": meta["timings"], "index_mib": round(index_bytes(str(out)) / 2**20, 1)}
+           "build_s": meta["build_seconds"], "timings": meta["timings"],
+           "index_mib": round(files["index"].stat().st_size / 2**20, 1),  # read into RAM
+           "mapped_mib": round(files["vectors"].stat().st_size / 2**20, 1) if "vectors" in files else 0.0,
+           "load_heap_mib": round((rss_kib() - heap_before) / 1024, 1), "vectors_file": str(files.get("vectors", ""))}
     return index, row
 
 
@@ -223,7 +254,9 @@ def timed_rows(built: list, curves: list, flat: faiss.Index, queries: np.ndarray
                      "cpu_qps": t["cpu_qps"], "flat_cpu_qps": fl["cpu_qps"],
                      "cpu_speedup": round(t["cpu_qps"] / fl["cpu_qps"], 1), "seconds": t["seconds"],
                      "flat_seconds": fl["seconds"], "warnings": noisy("flat", fl) + noisy(f, t),
-                     "latency_ms": latency_ms(index, queries[:100]), "flat_latency_ms": latency_ms(flat, queries[:10])})
+                     "latency_ms": latency_ms(index, queries[:100]), "flat_latency_ms": latency_ms(flat, queries[:10]),
+                     "mapped_resident_mib": round(mapped_resident_kib(Path(row["vectors_file"])) / 1024, 1)
+                     if row["vectors_file"] else 0.0})
         print(json.dumps(rows[-1]), flush=True)
     rows[-1]["candidates"] = [curve(label, build_s, grids[label], timed, args) for label, _, build_s in curves]
     return rows
@@ -273,14 +306,16 @@ def curve(label: str, build_s: float, settings: list[dict], timed: dict, args) -
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| vectors | threads | index (tuned) | build s (Flat) | index MiB (Flat) | recall@10 | queries/s (Flat) "
+    head = ("| vectors | threads | index (tuned) | build s (Flat) | index MiB in RAM (Flat) | mapped MiB (resident) "
+            "| recall@10 | queries/s (Flat) "
             "| speed-up | CPU-time speed-up | spread (Flat) | load avg before → after | 1-query ms (Flat) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         tuned = ", ".join(f"{k}={v}" for k, v in (r["tuned"]["params"] or {}).items()) or "exact"
         lines.append(f"| {r['n']:,} | {r['threads']} | `{r['factory']}` ({tuned}) | {r['build_s']:.1f} ({r['flat_build_s']:.1f}) "
-                     f"| {r['index_mib']:.0f} ({r['flat_mib']:.0f}) | {r['recall_at_10']:.3f} "
+                     f"| {r['index_mib']:.0f} ({r['flat_mib']:.0f}) | {r['mapped_mib']:.0f} ({r['mapped_resident_mib']:.0f}) "
+                     f"| {r['recall_at_10']:.3f} "
                      f"| {r['qps']:,.0f} ({r['flat_qps']:,.0f}) | **{r['speedup']:.1f}×** | {r['cpu_speedup']:.1f}× "
                      f"| {r['spread']:.0%} ({r['flat_spread']:.0%}) | {r['load_before'][0]} → {r['load_after'][0]} "
                      f"| {r['latency_ms']:.2f} ({r['flat_latency_ms']:.2f}) |")

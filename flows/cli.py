@@ -131,15 +131,29 @@ def index(
     factory: str = typer.Option("Flat", help="FAISS index_factory string, or 'auto' (chosen by size and memory)."),
     synthetic: bool = typer.Option(True, "--synthetic/--no-synthetic",
                                    help="Also index the DiT-generated rows (OUT/augmented)."),
+    parts: bool = typer.Option(False, "--parts", help="Build an IVF index in parts on Ray (train once, add groups "
+                               "of files in parallel tasks, merge the inverted lists on disk)."),
+    part_rows: int = typer.Option(1_000_000, min=1, help="Rows per part with --parts."),
+    cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray with --parts (default: all)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster for --parts (auto, ray://host:10001)."),
 ) -> None:
     """Rebuild the FAISS index from the Parquet files (OUT/embeddings, and OUT/augmented unless --no-synthetic)."""
-    from index.build import build_index
+    from index.build import BuildSpec, build_index
+    from shardlight.core.config import RaySpec
     from shardlight.core.space import recorded_clip
 
     _exit_without_finalizing()
-    meta = build_index(out, factory, synthetic=synthetic, model=recorded_clip(out))
+    if parts:
+        from flows.index_build import build_on_ray
+
+        spec = BuildSpec(factory, synthetic=synthetic, model=recorded_clip(out))
+        meta = build_on_ray(out, spec, RaySpec(address=ray_address, num_cpus=cpus), part_rows)
+    else:
+        meta = build_index(out, factory, synthetic=synthetic, model=recorded_clip(out))
     generated = "" if synthetic else " (input rows only)"
-    console.print(f"index: {meta['count']} vectors{generated}, {meta['factory']}, built in {meta['build_seconds']}s")
+    built = f", {meta['parts']['count']} parts merged {meta['parts']['merged']}" if meta.get("parts") else ""
+    console.print(f"index: {meta['count']} vectors{generated}, {meta['factory']}, built in {meta['build_seconds']}s"
+                  + built)
 
 
 @app.command()

@@ -61,11 +61,23 @@ def index_update(
         None, "--synthetic/--no-synthetic",
         help="Index the generated (augmented) rows too, or not; changing it rebuilds. Default: as built."),
     as_json: bool = typer.Option(False, "--json", help="Print the index metadata as JSON."),
+    parts: bool = typer.Option(False, "--parts", help="Add the new files as parts on Ray (an index built in parts "
+                               "is always updated in parts; without this flag, in this process)."),
+    part_rows: int = typer.Option(1_000_000, min=1, help="Rows per part."),
+    cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray with --parts (default: all)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster for --parts (auto, ray://host:10001)."),
 ) -> None:
     """Add new shards' embeddings to the index without retraining it (rebuilds when shards changed)."""
     from index.update import update_index
 
-    meta = update_index(out, rebuild_on_drift=rebuild_on_drift, synthetic=synthetic)
+    kwargs = {"rebuild_on_drift": rebuild_on_drift, "synthetic": synthetic, "part_rows": part_rows}
+    if parts:
+        from flows.index_build import update_on_ray
+        from shardlight.core.config import RaySpec
+
+        meta = update_on_ray(out, RaySpec(address=ray_address, num_cpus=cpus), **kwargs)
+    else:
+        meta = update_index(out, **kwargs)
     if as_json:
         print(json.dumps(meta, indent=2))
         return

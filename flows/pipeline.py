@@ -28,10 +28,11 @@ from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from flows.index_build import build_on_ray, update_on_ray  # noqa: E402
 from flows.lease import OutputLease  # noqa: E402
 from flows.report.build import build_report  # noqa: E402
 from flows.report.summary import collect_summary, summary_markdown  # noqa: E402
-from index.build import build_index, embedding_files, is_current, read_meta  # noqa: E402
+from index.build import BuildSpec, build_index, embedding_files, is_current, read_meta  # noqa: E402
 from index.update import update_index  # noqa: E402
 from shardlight.core.config import RunConfig, parse_config  # noqa: E402
 from shardlight.core.errors import InputError, ShardlightError  # noqa: E402
@@ -187,7 +188,14 @@ def index_stage(cfg: RunConfig) -> dict:
     build = {"train_sample": cfg.index.train_sample, "nprobe": cfg.index.nprobe, "model": cfg.clip.model_dump(),
              "synthetic": cfg.index.synthetic}
     previous = read_meta(cfg.output, missing_ok=True)
-    if previous and cfg.index.factory in (previous.get("requested_factory"), previous.get("factory")):
+    same = previous and cfg.index.factory in (previous.get("requested_factory"), previous.get("factory"))
+    if cfg.index.parts:  # parts on Ray (index/parts.py via flows/index_build.py)
+        if same:
+            meta = update_on_ray(cfg.output, cfg.ray, cfg.index.part_rows, factory=cfg.index.factory, **build)
+        else:
+            spec = BuildSpec(cfg.index.factory, **build)
+            meta = {**build_on_ray(cfg.output, spec, cfg.ray, cfg.index.part_rows), "update": {"mode": "built"}}
+    elif same:
         meta = update_index(cfg.output, factory=cfg.index.factory, **build)  # same quantizer, new rows added
     else:
         meta = {**build_index(cfg.output, cfg.index.factory, **build), "update": {"mode": "built"}}

@@ -6,14 +6,19 @@
 
 Two passes over OUT/embeddings: one draws the training sample and held-out queries, one adds every
 vector in batches while computing the queries' exact neighbours. Memory is the index itself plus one
-batch. The index is derived data: it can always be rebuilt from Parquet (see index/store.py).
+batch; an index re-ranked from float16 vectors (`…,Refine(SQfp16)`, index/rerank.py) streams them to a
+file beside it instead of holding them. The index is derived data: it can always be rebuilt from Parquet
+(see index/store.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import faiss
@@ -21,7 +26,17 @@ import numpy as np
 import pyarrow as pa
 
 from index.choose import IndexPlan, choose_index, tune_parameter
-from index.store import INDEX_DIR, META, includes_synthetic, load_index, read_meta, save  # noqa: F401  (re-exported)
+from index.rerank import Float16Writer, attach, open_vectors, split_factory
+from index.store import (  # noqa: F401  (INDEX_DIR, META, load_index: re-exported)
+    INDEX_DIR,
+    META,
+    file_names,
+    includes_synthetic,
+    load_index,
+    read_meta,
+    save,
+    vectors_workfile,
+)
 from index.tune import ExactTopK, tune
 from index.vectors import (  # noqa: F401  (embedding_files, fingerprint: re-exported for flows/)
     dimension,
@@ -51,8 +66,9 @@ def gpu_count() -> int:
 
 
 def new_index(dim: int, factory: str) -> faiss.Index:
+    """An empty index for `factory`; for `…,Refine(SQfp16)` its base (the float16 rows live in a file)."""
     try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        return faiss.index_factory(dim, split_factory(factory)[0], faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise IndexStateError(f"bad FAISS factory string {factory!r}: {last_line(err)}") from None
 
@@ -124,10 +140,47 @@ def _supports_codec(index: faiss.Index) -> bool:
         return False
 
 
-def _plan(factory: str, n: int, dim: int, memory_budget: int | None) -> IndexPlan:
+def _plan(factory: str, n: int, dim: int, memory_budget: int | None, on_disk: bool = False) -> IndexPlan:
     if factory == "auto":
-        return choose_index(n, dim, memory_budget)
+        return choose_index(n, dim, memory_budget, on_disk)
     return IndexPlan(factory, "given", 0, tune_parameter(factory))
+
+
+@dataclass
+class BuildSpec:
+    """How to build: `build_index`'s arguments, as plain data a parallel build hands to its tasks."""
+
+    factory: str = "Flat"
+    train_sample: int = 100_000
+    nprobe: int | None = None
+    model: dict | None = None
+    memory_budget: int | None = None
+    recall_target: float = 0.95
+    tune_queries: int = 500
+    seed: int = 0
+    synthetic: bool = True
+
+
+@dataclass
+class Trained:
+    """A trained, empty index for a set of files, and the held-out queries that will tune it."""
+
+    plan: IndexPlan
+    index: faiss.Index  # the base index (without the float16 re-rank, which is attached once filled)
+    files: list[str]
+    dim: int
+    total: int
+    queries: np.ndarray
+    query_ids: np.ndarray
+    seconds: float
+
+    @property
+    def reranked(self) -> bool:
+        return split_factory(self.plan.factory)[1]
+
+    @property
+    def k(self) -> int:
+        return min(RECALL_K, max(1, self.total - 1))
 
 
 def build_index(out: str, factory: str = "Flat", train_sample: int = 100_000, nprobe: int | None = None,
@@ -141,43 +194,92 @@ def build_index(out: str, factory: str = "Flat", train_sample: int = 100_000, np
         train_sample: vectors sampled to train quantizers (raised to what the IVF lists need).
         nprobe: a fixed search breadth (nprobe, or efSearch for HNSW) instead of tuning one.
         model: the CLIP spec that embedded the vectors, recorded for the searcher.
-        memory_budget: bytes the populated index may use (default: half the machine's memory).
+        memory_budget: bytes the populated index may use in RAM (default: half the machine's memory).
         recall_target: recall@10 vs exact search that tuning aims for.
         tune_queries: held-out query vectors used to measure recall and latency.
         seed: seed of the query sample.
         synthetic: also index the generated rows (OUT/augmented); False indexes the input rows only.
     """
-    files = index_files(out, synthetic)
+    spec = BuildSpec(factory, train_sample, nprobe, model, memory_budget, recall_target, tune_queries, seed, synthetic)
+    t = train_new(out, spec)
+    exact = ExactTopK(t.queries, t.query_ids, t.k)
+    vectors = vectors_workfile(out, fingerprint(t.files)) if t.reranked else None
+    with removed_on_error(vectors):
+        added = time.perf_counter()
+        ids = add_all(t.index, t.files, exact, Float16Writer(vectors, t.dim, t.total) if vectors else None)
+        index = attach(t.index, open_vectors(vectors)) if vectors else t.index
+        return publish(out, spec, t, index, ids, exact.ids, time.perf_counter() - added, vectors)
+
+
+def train_new(out: str, spec: BuildSpec, on_disk: bool = False) -> Trained:
+    """Choose the index for OUT's files, draw the training sample (spread evenly over all rows) and the held-out
+    tuning queries in one pass, and train. `on_disk`: its lists will be merged on disk (index/parts.py)."""
+    files = index_files(out, spec.synthetic)
     if not embedding_files(out):
         raise IndexStateError(f"no embeddings under {join(out, 'embeddings')}: run `shardlight run` first")
     start = time.perf_counter()
     dim, total = dimension(files), sum(num_rows(u) for u in files)
-    plan = _plan(factory, total, dim, memory_budget)
+    plan = _plan(spec.factory, total, dim, spec.memory_budget, on_disk)
     index = new_index(dim, plan.factory)
     ivf = _ivf(index)
-    wanted = max(train_sample, min(total, ivf.nlist * 39)) if ivf is not None and factory == "auto" else train_sample
-    train_x, queries, query_ids = sample(files, 0 if index.is_trained else wanted, tune_queries, seed)
+    wanted = spec.train_sample
+    if ivf is not None and spec.factory == "auto":
+        wanted = max(spec.train_sample, min(total, ivf.nlist * 39))
+    train_x, queries, query_ids = sample(files, 0 if index.is_trained else wanted, spec.tune_queries, spec.seed)
     train(index, train_x)
-    trained_at = time.perf_counter()
-    exact = ExactTopK(queries, query_ids, min(RECALL_K, max(1, total - 1)))
-    id_tables, first = [], 0
-    for vectors, ids in iter_vectors(files):
-        index.add(vectors)
-        exact.update(vectors, first)
-        first += len(vectors)
-        id_tables.append(ids)
-    added_at = time.perf_counter()
-    tuning = tune(index, plan.tune, queries, query_ids, exact.ids, recall_target, fixed=nprobe)
+    return Trained(plan, index, files, dim, total, queries, query_ids, time.perf_counter() - start)
+
+
+def publish(out: str, spec: BuildSpec, t: Trained, index: faiss.Index, ids: pa.Table, truth: np.ndarray,
+            add_s: float, vectors: str | None = None, lists: str | None = None, trained: str | None = None,
+            extra: dict | None = None) -> dict:
+    """Tune the filled `index` on the held-out queries (`truth`: their exact top-k), describe it and save it
+    (index/store.py: files first, `meta.json` last). `vectors`, `trained`: finished temporary files to publish
+    with it; `lists`: the file name of its inverted lists merged on disk; `extra`: more entries for `meta.json`."""
+    start = time.perf_counter()
+    tuning = tune(index, t.plan.tune, t.queries, t.query_ids, truth, spec.recall_target, fixed=spec.nprobe)
     if tuning["param"] and not tuning.get("reached"):
-        log.warning("index %s reaches recall@%d %.3f, below the %.2f target", plan.factory, RECALL_K,
-                    tuning["recall_at_k"], recall_target)
-    meta = _meta(files, index, plan, factory, dim, model, tuning, quantization_error(index, queries))
-    meta["synthetic"] = synthetic
-    meta["timings"] = {"train_s": round(trained_at - start, 3), "add_s": round(added_at - trained_at, 3),
-                       "tune_s": round(time.perf_counter() - added_at, 3)}
-    meta["build_seconds"] = round(time.perf_counter() - start, 3)
-    save(out, index, pa.concat_tables(id_tables), meta)
+        log.warning("index %s reaches recall@%d %.3f, below the %.2f target", t.plan.factory, RECALL_K,
+                    tuning["recall_at_k"], spec.recall_target)
+    meta = _meta(t.files, index, t.plan, spec.factory, t.dim, spec.model, tuning, quantization_error(index, t.queries))
+    meta["files"] = file_names(meta["fingerprint"], t.reranked, lists, parts=trained is not None)
+    meta["synthetic"] = spec.synthetic
+    meta["timings"] = {"train_s": round(t.seconds, 3), "add_s": round(add_s, 3),
+                       "tune_s": round(time.perf_counter() - start, 3)}
+    meta["build_seconds"] = round(t.seconds + add_s + time.perf_counter() - start, 3)
+    meta |= extra or {}
+    save(out, index, ids, meta, {role: path for role, path in (("vectors", vectors), ("trained", trained)) if path})
     return meta
+
+
+@contextmanager
+def removed_on_error(path: str | None):
+    """Delete the temporary file `path` when the block fails (a killed process leaves it as `.NAME.<hex>.tmp`,
+    which the next run removes)."""
+    try:
+        yield
+    except BaseException:
+        if path and os.path.exists(path):
+            os.remove(path)
+        raise
+
+
+def add_all(index: faiss.Index, files: list[str], exact: ExactTopK | None = None,
+            vectors: Float16Writer | None = None) -> pa.Table:
+    """Add every vector of `files` (ids in file order, continuing from `index.ntotal`), also streaming them to
+    the float16 `vectors` file and the running `exact` top-k when given; returns the id columns added."""
+    id_tables, first = [], int(index.ntotal)
+    for batch, ids in iter_vectors(files):
+        index.add(batch)
+        if exact is not None:
+            exact.update(batch, first)
+        if vectors is not None:
+            vectors.write(batch)
+        first += len(batch)
+        id_tables.append(ids)
+    if vectors is not None:
+        vectors.close()
+    return pa.concat_tables(id_tables)
 
 
 def is_current(out: str, factory: str | None = None, synthetic: bool | None = None) -> bool:
@@ -200,5 +302,4 @@ def _meta(files: list[str], index: faiss.Index, plan: IndexPlan, requested: str,
         "tuning": tuning, "quantization_error": error, "model": model or {}, "fingerprint": build,
         "shards": len(files), "inputs": [signature(u) for u in files],
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": {"index": f"image.{build}.faiss", "ids": f"ids.{build}.parquet"},
     }

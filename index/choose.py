@@ -6,14 +6,16 @@ OPQ+PQ when memory demands compression) with changes that the measured recall/qu
 
 - exact `Flat` is kept while one exact query stays cheap (a few ms), since it needs no training,
   no tuning and gives exact answers;
-- above that, when the float vectors fit the memory budget, `IVF…,PQ{d/8}x4fs,RFlat`: inverted lists of
-  4-bit fast-scan PQ codes (a SIMD scan over 32 bytes per 512-d vector, not 2 KiB) whose top `k × r`
-  candidates are re-ranked exactly against the stored float vectors, over about √n lists. Batch search
-  over IVF,Flat is memory-bound (every probed vector is 2 KiB read from RAM); the fast-scan codes are 64× smaller and the
-  re-rank touches only `k × r` vectors, so at the same recall it answers several times more queries/s;
-- when they do not fit: 8-bit scalar quantisation (`IVF…,SQ8`: 4× smaller, recall within a point of
-  Flat), and only then `OPQ/IVF/PQ`, whose recall against exact search tops out well below 0.95 without
-  re-ranking.
+- above that, `IVF…,PQ{d/8}x4fs,Refine(SQfp16)`: inverted lists of 4-bit fast-scan PQ codes (a SIMD scan
+  over 32 bytes per 512-d vector, not 2 KiB) over about √n lists, whose top `k × r` candidates are
+  re-ranked exactly against the vectors kept as float16 in a memory-mapped file beside the index
+  (index/rerank.py). Batch search over IVF,Flat is memory-bound (every probed vector is 2 KiB read from
+  RAM); the fast-scan codes are 64× smaller and the re-rank touches only `k × r` rows, so at the same recall
+  it answers several times more queries/s. Only the codes, centroids and ids count against the memory
+  budget: the float16 rows (2·d bytes per vector) stay on disk and the OS pages in the ones re-ranked;
+- dimensions that do not split into an even number of 8-dimension codes: `IVF…,Flat` when the float vectors
+  fit the budget, else 8-bit scalar quantisation (`IVF…,SQ8`, 4× smaller) and only then `OPQ/IVF/PQ`, both
+  re-ranked from the float16 file as well (PQ alone tops out well below recall 0.95).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from index.rerank import REFINE
 from shardlight.core.errors import IndexStateError
 
 FLAT_MAX_CELLS = 32_000_000  # n·dim up to which exact search stays ~5 ms per query on 2 cores (62.5k × 512)
@@ -31,15 +34,17 @@ FAST_SCAN_DIMS_PER_CODE = 8  # 4-bit fast-scan PQ with one 4-bit code per 8 dime
 # Lists for the fast-scan index: about √n, not 4·√n. Scanning a code costs ~1/64 of a float vector, so the
 # coarse quantizer (nlist·d per query) dominates and fewer, longer lists are faster at the same recall.
 FAST_SCAN_LISTS_PER_ROOT = 1
+HNSW_LINK_BYTES = 32 * 2 * 4 + 16  # an HNSW32 node's links (two levels' worth, int32) and level data, roughly
 
 
 @dataclass
 class IndexPlan:
     factory: str  # FAISS index_factory string
     reason: str  # why this type, in one line (recorded in meta.json)
-    bytes_estimate: int  # memory the populated index needs
-    tune: str | None  # search parameter to tune: nprobe, efSearch, or None (exact); with `…,RFlat` the
-    # re-rank depth k_factor_rf is tuned alongside it (index/tune.py)
+    bytes_estimate: int  # memory (RAM) the populated index needs
+    tune: str | None  # search parameter to tune: nprobe, efSearch, or None (exact); with a re-rank
+    # (`…,Refine(SQfp16)`, `…,RFlat`) its depth k_factor_rf is tuned alongside it (index/tune.py)
+    mapped_bytes: int = 0  # on disk and memory-mapped, not RAM: the float16 re-rank rows (and lists merged on disk)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,8 +73,12 @@ def _ivf(nlist: int) -> str:
     return f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}"
 
 
-def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
-    """The index type for `n` vectors of `dim` floats that fits `memory_budget` bytes."""
+def choose_index(n: int, dim: int, memory_budget: int | None = None, on_disk: bool = False) -> IndexPlan:
+    """The index type for `n` vectors of `dim` floats that fits `memory_budget` bytes of RAM.
+
+    `on_disk`: the index is built in parts and its inverted lists merged on disk and memory-mapped
+    (index/parts.py), so when even the fast-scan codes do not fit, RAM need only hold the coarse quantizer.
+    """
     budget = memory_budget or default_memory_budget()
     flat_bytes = n * dim * 4
     if n * dim <= FLAT_MAX_CELLS and flat_bytes <= budget:
@@ -77,27 +86,48 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPla
     nlist = num_lists(n)
     ivf = _ivf(nlist)
     overhead = nlist * dim * 4 + n * 8  # centroids + stored ids
+    mapped = n * dim * 2  # the float16 rows re-ranked from disk
     codes, fs_lists = fast_scan_codes(dim), num_lists(n, FAST_SCAN_LISTS_PER_ROOT)
-    rerank_bytes = flat_bytes + n * codes // 2 + fs_lists * dim * 4 + n * 8  # floats + 4-bit codes + centroids + ids
-    if codes and rerank_bytes <= budget:
-        return IndexPlan(f"{_ivf(fs_lists)},PQ{codes}x4fs,RFlat", f"{n} vectors: 4-bit fast-scan inverted lists, "
-                         "re-ranked exactly from the float vectors, which fit the budget", rerank_bytes, "nprobe")
+    fast_scan_bytes = n * codes // 2 + fs_lists * dim * 4 + n * 8  # 4-bit codes + centroids + ids
+    if codes and fast_scan_bytes <= budget:
+        return IndexPlan(f"{_ivf(fs_lists)},PQ{codes}x4fs{REFINE}", f"{n} vectors: 4-bit fast-scan inverted lists "
+                         "in RAM, re-ranked exactly from float16 vectors memory-mapped from disk",
+                         fast_scan_bytes, "nprobe", mapped)
+    if on_disk:
+        return _on_disk_plan(n, dim, nlist, budget, mapped)
     if flat_bytes + overhead <= budget:
         return IndexPlan(f"{ivf},Flat", f"{n} vectors: inverted lists over uncompressed vectors fit the budget",
                          flat_bytes + overhead, "nprobe")
     sq_bytes = n * dim + overhead
     if sq_bytes <= budget:
-        return IndexPlan(f"{ivf},SQ8", f"uncompressed needs {_gib(flat_bytes)}, over the {_gib(budget)} budget: "
-                         "8-bit scalar quantisation", sq_bytes, "nprobe")
+        return IndexPlan(f"{ivf},SQ8{REFINE}", f"uncompressed needs {_gib(flat_bytes)}, over the {_gib(budget)} "
+                         "budget: 8-bit scalar quantisation, re-ranked from memory-mapped float16 vectors",
+                         sq_bytes, "nprobe", mapped)
     for m in PQ_SIZES:
         if dim % m or m > dim // 2:
             continue
         pq_bytes = n * m + overhead + dim * dim * 4
         if pq_bytes <= budget:
-            return IndexPlan(f"OPQ{m},{ivf},PQ{m}", f"{_gib(sq_bytes)} even at 8 bits per dimension is over the "
-                             f"{_gib(budget)} budget: product quantisation, {m} bytes per vector", pq_bytes, "nprobe")
+            return IndexPlan(f"OPQ{m},{ivf},PQ{m}{REFINE}", f"{_gib(sq_bytes)} even at 8 bits per dimension is over "
+                             f"the {_gib(budget)} budget: product quantisation, {m} bytes per vector, re-ranked from "
+                             "memory-mapped float16 vectors", pq_bytes, "nprobe", mapped)
     raise IndexStateError(f"{n} vectors of dimension {dim} cannot fit a {_gib(budget)} memory budget "
                           "(even 8-byte PQ codes do not); raise the budget or shard the index")
+
+
+def _on_disk_plan(n: int, dim: int, nlist: int, budget: int, mapped: int) -> IndexPlan:
+    """8-bit PQ (`d/8` bytes a vector, SQ8 when `d` does not split) in lists merged on disk, re-ranked from float16:
+    RAM holds the coarse quantizer (centroids, and its HNSW graph from 16,384 lists on)."""
+    ivf = _ivf(nlist)
+    codec, code_bytes = (f"PQ{dim // 8}", dim // 8) if dim % 8 == 0 else ("SQ8", dim)
+    ram = nlist * dim * 4 + (nlist * HNSW_LINK_BYTES if nlist >= HNSW_QUANTIZER_LISTS else 0)
+    if ram > budget:
+        raise IndexStateError(f"the coarse quantizer of {n} vectors ({_gib(ram)}) does not fit a {_gib(budget)} "
+                              "memory budget; raise the budget or shard the index")
+    lists = n * (code_bytes + 8)
+    return IndexPlan(f"{ivf},{codec}{REFINE}", f"{n} vectors: the fast-scan codes exceed the {_gib(budget)} budget; "
+                     f"{code_bytes}-byte codes in inverted lists merged on disk ({_gib(lists)}), re-ranked from "
+                     "memory-mapped float16 vectors", ram, "nprobe", mapped + lists)
 
 
 def fast_scan_codes(dim: int) -> int:

@@ -67,7 +67,7 @@ def dedup(out: str, threshold: float = 0.95, neighbors: int = 16) -> dict:
     """
     if not -1.0 <= threshold <= 1.0:
         raise InputError(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
-    index, ids, meta = load_index(out)
+    index, ids, meta = load_index(out, mmap=True)
     files = index_files(out, includes_synthetic(meta))
     if meta.get("fingerprint") != fingerprint(files):
         raise IndexStateError(f"the index is older than the Parquet files under {out}: "

@@ -54,6 +54,21 @@ class Hit:
         return asdict(self)
 
 
+class KeyView:
+    """Read-only sequence over an Arrow string column: no Python string per row until one is asked for."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, i: int | slice):
+        if isinstance(i, slice):
+            return self.column.to_pylist()[i] if i.step not in (None, 1) else self.column[i].to_pylist()
+        return self.column[i].as_py()
+
+
 def _columns_of(shard_url: str) -> list[str]:
     with open_read(shard_url) as f:
         return pq.ParquetFile(f).schema_arrow.names
@@ -65,10 +80,10 @@ class Searcher:
 
     def __init__(self, out: str | Path, device: str = "cpu"):
         self.out = str(out)
-        self.index, ids, self.meta = load_index(self.out)
-        self.shards = ids.column("shard").to_pylist()
+        self.index, ids, self.meta = load_index(self.out, mmap=True)  # IVF lists and float16 rows stay on disk
         self.rows = ids.column("row").to_numpy()
-        self.keys = ids.column("key").to_pylist()
+        # kept in Arrow, not as Python strings: a fraction of the memory at scale (docs/scale.md)
+        self._keys, self._shards = ids.column("key"), ids.column("shard")
         sources = ids.column("source") if "source" in ids.column_names else pa.array(["embeddings"] * ids.num_rows)
         parts = pc.dictionary_encode(pc.binary_join_element_wise(sources, ids.column("shard"), "/"))
         if isinstance(parts, pa.ChunkedArray):
@@ -82,6 +97,16 @@ class Searcher:
         self._filters: dict | None = None
         self._reconstructs = False
         self._shard_columns = lru_cache(maxsize=64)(self._read_shard_columns)
+
+    @property
+    def keys(self) -> KeyView:
+        """The key of each FAISS id (`keys[i]`, `keys[a:b]`), read from the Arrow column on demand."""
+        return KeyView(self._keys)
+
+    @property
+    def shards(self) -> KeyView:
+        """The shard of each FAISS id, likewise."""
+        return KeyView(self._shards)
 
     @property
     def size(self) -> int:
@@ -121,7 +146,7 @@ class Searcher:
 
     def id_of_key(self, key: str) -> int:
         if self._id_of_key is None:
-            self._id_of_key = {k: i for i, k in enumerate(self.keys)}
+            self._id_of_key = {k: i for i, k in enumerate(self._keys.to_pylist())}
         if key not in self._id_of_key:
             raise KeyNotFound(f"no sample with key {key!r} in the index")
         return self._id_of_key[key]
@@ -247,7 +272,7 @@ class Searcher:
         return {c: table.column(c).to_pylist() for c in wanted}
 
     def _hit(self, i: int, score: float) -> Hit:
-        shard, row = self.shards[i], int(self.rows[i])
+        shard, row = self._shards[i].as_py(), int(self.rows[i])
         cols = self._shard_columns(int(self.part_of[i]))
         synthetic = bool(cols["synthetic"][row]) if "synthetic" in cols else False
         return Hit(key=cols["key"][row], score=score, caption=cols["caption"][row], label=cols["label"][row],

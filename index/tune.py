@@ -4,8 +4,9 @@ recall target.
 Queries are vectors sampled from the data set; each query's own row is left out of both the exact and
 the approximate answer, so a query never "finds itself" and recall is that of a held-out query.
 
-An index with an exact re-rank step (`…,RFlat`: FAISS `IndexRefineFlat`, which re-scores the top
-`k × k_factor_rf` candidates of the compressed index against the stored float vectors) has two knobs. For
+An index with an exact re-rank step (FAISS `IndexRefine`, which re-scores the top `k × k_factor_rf`
+candidates of the compressed index against stored vectors: float16 ones memory-mapped from disk for
+`…,Refine(SQfp16)`, index/rerank.py, or float32 ones in RAM for `…,RFlat`) has two knobs. For
 each re-rank depth the smallest search breadth that reaches the target is found, and the pair with the
 most queries/s wins; `meta.json` records both under `tuning.params`.
 """
@@ -42,8 +43,12 @@ class ExactTopK:
         ids = np.arange(first_id, first_id + len(vectors))
         inside = np.flatnonzero((self.query_ids >= first_id) & (self.query_ids < first_id + len(vectors)))
         sims[inside, self.query_ids[inside] - first_id] = -np.inf  # held out: a query is not its own neighbour
-        all_scores = np.concatenate([self.scores, sims], axis=1)
-        all_ids = np.concatenate([self.ids, np.broadcast_to(ids, sims.shape)], axis=1)
+        self.merge(sims, np.broadcast_to(ids, sims.shape))
+
+    def merge(self, scores: np.ndarray, ids: np.ndarray) -> None:
+        """Fold in candidates (scores and ids per query), e.g. another part's exact top-k over other rows."""
+        all_scores = np.concatenate([self.scores, scores], axis=1)
+        all_ids = np.concatenate([self.ids, ids], axis=1)
         keep = np.argpartition(-all_scores, self.k - 1, axis=1)[:, : self.k]
         self.scores = np.take_along_axis(all_scores, keep, axis=1)
         self.ids = np.take_along_axis(all_ids, keep, axis=1)

@@ -13,14 +13,23 @@ of the new vectors' quantization error to the error measured on held-out vectors
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from datetime import UTC, datetime
 
+import faiss
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from index.build import build_index, quantization_error
-from index.store import includes_synthetic, load_index, read_meta, save
-from index.vectors import file_name, fingerprint, index_files, iter_vectors, sample, signature
+from index.build import BuildSpec, add_all, build_index, quantization_error, removed_on_error
+from index.parts import PART_ROWS, PartsJob, Runner, build_in_parts, cleaned_up, in_parts, merge, sequential, split, work_folder
+from index.rerank import Float16Writer, attach, copy_rows, create, detach, open_vectors
+from index.store import INDEX_DIR, file_names, includes_synthetic, load_index, read_meta, save, vectors_workfile
+from index.tune import apply_tuning
+from index.vectors import file_name, fingerprint, index_files, num_rows, sample, signature
+from shardlight.core.storage import join, local_path
 
 log = logging.getLogger("shardlight")
 
@@ -32,15 +41,21 @@ def _total(error: dict) -> float:
     return float(error.get("coarse", 0.0)) + float(error.get("codec", 0.0))
 
 
-def _rebuild(out: str, meta: dict | None, reason: str, **build_kwargs) -> dict:
+def _rebuild(out: str, meta: dict | None, reason: str, runner: Runner | None = None, part_rows: int = PART_ROWS,
+             **build_kwargs) -> dict:
     log.info("rebuilding the index: %s", reason)
     kwargs = {"factory": (meta or {}).get("requested_factory", (meta or {}).get("factory", "Flat")),
               "model": (meta or {}).get("model") or None, **build_kwargs}
-    return {**build_index(out, **kwargs), "update": {"mode": "rebuilt", "reason": reason}}
+    if runner is not None and in_parts(out, kwargs["factory"]):
+        built = build_in_parts(out, BuildSpec(**kwargs), part_rows, runner)
+    else:
+        built = build_index(out, **kwargs)
+    return {**built, "update": {"mode": "rebuilt", "reason": reason}}
 
 
 def update_index(out: str, *, rebuild_on_drift: bool = False, drift_tolerance: float = DRIFT_TOLERANCE,
-                 synthetic: bool | None = None, **build_kwargs) -> dict:
+                 synthetic: bool | None = None, runner: Runner | None = None, part_rows: int = PART_ROWS,
+                 **build_kwargs) -> dict:
     """Bring OUT/index up to date with OUT/embeddings, adding new shards incrementally.
 
     Args:
@@ -49,6 +64,9 @@ def update_index(out: str, *, rebuild_on_drift: bool = False, drift_tolerance: f
         drift_tolerance: quantization-error ratio above which the data counts as drifted.
         synthetic: index the generated rows too (True) or not (False); None keeps the index's choice.
             Changing it rebuilds.
+        runner: adds parts (index/parts.py) for an index whose lists live on disk, and rebuilds in parts; None
+            adds them in this process and rebuilds with `build_index`.
+        part_rows: rows per part.
         **build_kwargs: passed to `build_index` when a rebuild is needed.
 
     Returns the index metadata; its `update` entry says what was done and `drift` what was measured.
@@ -56,7 +74,7 @@ def update_index(out: str, *, rebuild_on_drift: bool = False, drift_tolerance: f
     meta = read_meta(out, missing_ok=True)
     was = includes_synthetic(meta) if meta else True
     synthetic = was if synthetic is None else synthetic
-    build_kwargs["synthetic"] = synthetic
+    build_kwargs |= {"synthetic": synthetic, "runner": runner, "part_rows": part_rows}
     files = index_files(out, synthetic)
     if meta is None:
         return {**_rebuild(out, meta, "there was no index", **build_kwargs), "update": {"mode": "built"}}
@@ -79,16 +97,63 @@ def update_index(out: str, *, rebuild_on_drift: bool = False, drift_tolerance: f
     drift = _drift(index, meta, new, drift_tolerance)
     if drift["drifted"] and rebuild_on_drift:
         return _rebuild(out, meta, f"data drifted (quantization error ×{drift['ratio']:.2f})", **build_kwargs)
-    tables = [ids]
-    for vectors, id_table in iter_vectors(new):
-        index.add(vectors)
-        tables.append(id_table)
-    updated = _updated_meta(meta, files, index, drift, len(new), time.perf_counter() - start)
-    save(out, index, pa.concat_tables(tables), updated)
+    if "trained" in meta["files"]:  # built in parts: updated in parts
+        updated = _add_parts(out, index, ids, meta, new, files, drift, start, runner or sequential, part_rows)
+    else:
+        index, vectors, added = _add(out, index, new, fingerprint(files), meta)
+        updated = _updated_meta(meta, files, index, drift, len(new), time.perf_counter() - start)
+        save(out, index, pa.concat_tables([ids, added]), updated, {"vectors": vectors} if vectors else None)
     if drift["drifted"]:
         log.warning("new data fits the index's quantizer %.2f× worse than at build time: consider a rebuild "
                     "(`shardlight index-update %s --rebuild-on-drift` or `shardlight index %s`)",
                     drift["ratio"], out, out)
+    return updated
+
+
+def _add(out: str, index, new: list[str], build: str, meta: dict):
+    """(index, its new float16 vectors file or None, the id columns added) after adding `new`'s vectors.
+
+    An index re-ranked from float16 vectors gets a new file: the old rows copied, the new ones appended (the
+    served file is never written to, so it keeps serving until the new build is published)."""
+    base, mapped = detach(index)
+    if mapped is None:
+        return index, None, add_all(index, new)
+    vectors = vectors_workfile(out, build)
+    with removed_on_error(vectors):
+        writer = Float16Writer(vectors, base.d, base.ntotal + sum(num_rows(u) for u in new))
+        writer.copy_from(mapped)
+        added = add_all(base, new, vectors=writer)
+        index = attach(base, open_vectors(vectors))
+    apply_tuning(index, meta.get("tuning") or {})
+    return index, vectors, added
+
+
+def _add_parts(out: str, index, ids: pa.Table, meta: dict, new: list[str], files: list[str], drift: dict,
+               start: float, runner: Runner, part_rows: int) -> dict:
+    """Add `new` to an index built in parts: parts of the new files added to copies of its trained empty index,
+    merged after its own lists into a fresh copy (a new `.ivfdata` when on disk), published (index/parts.py)."""
+    build = fingerprint(files)
+    base, mapped = detach(index)
+    work = work_folder(out, build)
+    with cleaned_up(work):
+        trained = os.path.join(work, "trained.faiss")
+        shutil.copyfile(local_path(join(out, INDEX_DIR, meta["files"]["trained"])), trained)
+        vectors = os.path.join(work, "vectors.faiss") if mapped is not None else None
+        parts = split(new, part_rows, first=int(base.ntotal))
+        if vectors:
+            create(vectors, base.d, parts[-1].first + parts[-1].rows)
+            copy_rows(mapped, vectors)
+        no_queries = np.zeros((0, base.d), np.float32)
+        job = PartsJob(work, base.d, trained, vectors, parts, no_queries, np.zeros(0, np.int64), 1)
+        runner(job, [p.number for p in parts])
+        folder = local_path(join(out, INDEX_DIR))
+        merged, lists = merge(job, faiss.read_index(trained), [p.number for p in parts], folder, build, before=base)
+        merged = attach(merged, open_vectors(vectors)) if vectors else merged
+        apply_tuning(merged, meta.get("tuning") or {})
+        updated = _updated_meta(meta, files, merged, drift, len(new), time.perf_counter() - start, lists, parts=True)
+        added = [pq.read_table(job.ids_path(p.number)) for p in parts]
+        ready = {"trained": trained, **({"vectors": vectors} if vectors else {})}
+        save(out, merged, pa.concat_tables([ids, *added]), updated, ready)
     return updated
 
 
@@ -102,7 +167,8 @@ def _drift(index, meta: dict, new: list[str], tolerance: float) -> dict:
             "tolerance": tolerance, "drifted": ratio > tolerance, "rebuild_recommended": ratio > tolerance}
 
 
-def _updated_meta(meta: dict, files: list[str], index, drift: dict, added_files: int, seconds: float) -> dict:
+def _updated_meta(meta: dict, files: list[str], index, drift: dict, added_files: int, seconds: float,
+                  lists: str | None = None, parts: bool = False) -> dict:
     build = fingerprint(files)
     added = int(index.ntotal) - int(meta["count"])
     history = [*meta.get("updates", []), {
@@ -112,6 +178,6 @@ def _updated_meta(meta: dict, files: list[str], index, drift: dict, added_files:
     return {
         **meta, "count": int(index.ntotal), "fingerprint": build, "shards": len(files),
         "inputs": [signature(u) for u in files], "drift": drift, "updates": history,
-        "files": {"index": f"image.{build}.faiss", "ids": f"ids.{build}.parquet"},
+        "files": file_names(build, "vectors" in meta["files"], lists, parts),
         "update": {"mode": "added", "added": added, "shards": added_files},
     }

@@ -32,22 +32,38 @@ def test_small_sets_get_exact_flat():
     assert choose_index(10_000, 512, 1 << 30).factory == "Flat"
 
 
-def test_medium_sets_get_fast_scan_with_exact_rerank_when_the_vectors_fit():
+def test_medium_sets_get_fast_scan_re_ranked_from_memory_mapped_float16():
     plan = choose_index(1_000_000, 512, 16 << 30)
-    assert plan.factory == "IVF1024,PQ64x4fs,RFlat" and plan.tune == "nprobe"
-    assert plan.bytes_estimate >= 1_000_000 * (512 * 4 + 32)
+    assert plan.factory == "IVF1024,PQ64x4fs,Refine(SQfp16)" and plan.tune == "nprobe"
+    assert plan.bytes_estimate < 1_000_000 * 64  # RAM: 4-bit codes, centroids and ids, not the vectors
+    assert plan.mapped_bytes == 1_000_000 * 512 * 2  # the float16 rows stay on disk
 
 
 def test_dimensions_without_an_even_fast_scan_split_get_ivf_flat():
     assert choose_index(1_000_000, 500, 16 << 30).factory == "IVF4096,Flat"
 
 
+def test_a_budget_far_below_the_vectors_still_gets_fast_scan_with_the_rerank_on_disk():
+    plan = choose_index(5_000_000, 512, 1 << 30)  # 10 GB of float32 vectors, 1 GiB of RAM
+    assert plan.factory == "IVF2048,PQ64x4fs,Refine(SQfp16)" and plan.bytes_estimate <= 1 << 30
+
+
+def test_past_the_fast_scan_budget_an_index_built_in_parts_keeps_its_lists_on_disk():
+    n, dim, budget = 1_000_000_000, 512, 32 << 30  # 40 GB of fast-scan codes and ids: not in 32 GiB of RAM
+    plan = choose_index(n, dim, budget, on_disk=True)
+    assert plan.factory == "IVF131072_HNSW32,PQ64,Refine(SQfp16)"  # 8-bit PQ, lists merged on disk
+    assert plan.bytes_estimate < 1 << 30 and plan.mapped_bytes == n * dim * 2 + n * (64 + 8)
+    assert choose_index(n, dim, budget).factory.startswith("OPQ")  # in RAM: the smallest codes that fit
+    with pytest.raises(IndexStateError, match="cannot fit"):
+        choose_index(5 * n, dim, budget)
+
+
 def test_tight_budget_compresses_scalar_first_then_pq():
-    n, dim = 1_000_000, 512
-    assert choose_index(n, dim, 1 << 30).factory == "IVF4096,SQ8"  # 2 GiB uncompressed does not fit 1 GiB
+    n, dim = 1_000_000, 504  # no even fast-scan split (63 codes): the older ladder, now re-ranked from float16
+    assert choose_index(n, dim, 1 << 30).factory == "IVF4096,SQ8,Refine(SQfp16)"  # 2 GB float32 does not fit
     pq_plan = choose_index(n, dim, 200 << 20)
-    assert pq_plan.factory.startswith("OPQ") and ",PQ" in pq_plan.factory
-    assert pq_plan.bytes_estimate <= 200 << 20
+    assert pq_plan.factory.startswith("OPQ") and pq_plan.factory.endswith(",Refine(SQfp16)")
+    assert pq_plan.bytes_estimate <= 200 << 20 and pq_plan.mapped_bytes == n * dim * 2
     with pytest.raises(IndexStateError, match="cannot fit"):
         choose_index(n, dim, 1 << 20)
 
@@ -124,15 +140,23 @@ def test_rerank_index_tunes_search_breadth_and_rerank_depth_together(tmp_path):
     assert np.allclose(s.vector_of_id(7), clustered(6000, DIM)[7])  # re-rank vectors are exact
 
 
-def test_auto_with_a_tight_budget_builds_sq8_and_still_reaches_the_target(tmp_path):
+def test_auto_with_a_tight_budget_re_ranks_from_the_float16_file_and_reaches_the_target(tmp_path):
     vectors = clustered(6000, DIM)
     keys = write_shard(tmp_path, "00000", vectors)
     meta = build_index(str(tmp_path), "auto", memory_budget=400_000, recall_target=0.95, tune_queries=200)
-    assert meta["factory"].endswith(",SQ8") and meta["requested_factory"] == "auto"
-    assert meta["tuning"]["recall_at_k"] >= 0.95
+    assert meta["factory"].endswith(",Refine(SQfp16)") and meta["requested_factory"] == "auto"
+    assert meta["tuning"]["recall_at_k"] >= 0.95 and "vectors" in meta["files"]
     recall = fresh_recall_at_10(tmp_path, vectors, keys)
     assert recall >= 0.95, recall
     assert meta["choice"]["bytes_estimate"] <= 400_000
+
+
+def test_auto_sq8_with_a_tight_budget_still_reaches_the_target(tmp_path):
+    dim = 36  # no even 4-bit fast-scan split: scalar quantisation, re-ranked
+    vectors = clustered(6000, dim)
+    write_shard(tmp_path, "00000", vectors)
+    meta = build_index(str(tmp_path), "auto", memory_budget=400_000, recall_target=0.95, tune_queries=200)
+    assert meta["factory"].endswith(",SQ8,Refine(SQfp16)") and meta["tuning"]["recall_at_k"] >= 0.95
 
 
 def test_explicit_nprobe_is_kept_and_measured(tmp_path):
@@ -211,7 +235,8 @@ def test_a_rewritten_shard_forces_a_rebuild(tmp_path):
 
 # --- filters --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW16", "PCA16,IVF8,SQ8", "IVF8,PQ8x4fs,RFlat"])
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW16", "PCA16,IVF8,SQ8", "IVF8,PQ8x4fs,RFlat",
+                                     "IVF8,PQ8x4fs,Refine(SQfp16)"])
 def test_label_and_synthetic_filters_run_inside_the_index(tmp_path, factory):
     n = 1000
     labels = ["rare" if i % 100 == 0 else "common" for i in range(n)]

@@ -70,6 +70,8 @@ class IndexSpec(_Strict):
     train_sample: int = Field(100_000, ge=1)  # vectors sampled to train quantizers
     nprobe: int | None = Field(None, ge=1)  # IVF search breadth (None: FAISS default)
     synthetic: bool = True  # also index the augment stage's generated rows (false: input rows only)
+    parts: bool = False  # build an IVF index in parts on the run's Ray cluster, lists merged on disk (index/parts.py)
+    part_rows: int = Field(1_000_000, ge=1)  # rows per part
 
 
 class AugmentSpec(_Strict):

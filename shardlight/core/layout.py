@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from shardlight.core.storage import exists, filesystem, join, open_read, shard_name
 
 STATS_KEY = b"shardlight.stats"
-TEMP_GLOB = ".*.tmp"  # storage.write_atomic's and index.store's temporary files
+TEMP_GLOB = ".*.tmp"  # storage.write_atomic's and index.store's temporary files, index/parts.py's work folders
 OUT_FOLDERS = ("", "embeddings", "errors", "augmented", "index")  # where OUT's atomically written files live
 ROW_SOURCES = ("embeddings", "augmented")  # OUT/<source>/<shard>.parquet folders of rows, in index id order
 
@@ -101,5 +101,5 @@ def remove_temporary(out: str) -> list[str]:
     patterns = ["/".join(part for part in (root.rstrip("/"), folder, TEMP_GLOB) if part) for folder in OUT_FOLDERS]
     stale = [p for pattern in patterns for p in fs.glob(pattern)]
     for path in stale:
-        fs.rm(path)
+        fs.rm(path, recursive=True)  # index/parts.py's work folders are `.parts.….tmp` folders
     return stale

@@ -1,0 +1,113 @@
+"""Build (or update) the FAISS index in parts on Ray: the driver trains once, Ray tasks add the parts.
+
+    >>> from flows.index_build import build_on_ray
+    >>> build_on_ray("out", BuildSpec(factory="auto"), RaySpec(num_cpus=2))   # a local Ray with 2 CPUs
+
+The steps are index/parts.py's; this module only runs `add_part` as Ray tasks on the run's cluster (the
+configured `ray.address`, else a local Ray with `ray.num_cpus`), because index/ never imports Ray (import
+contract 4, docs/architecture.md). Each task adds one group of Parquet files to a copy of the trained empty
+index with their global ids and writes its part to OUT's filesystem (every node must mount it); only the small
+exact top-k of the tuning queries comes back. A task whose process dies is rerun by Ray (`max_retries`), and an
+error raised inside it is retried as well unless it is a `ShardlightError` (a changed file will not fix itself):
+a part redone writes the same bytes, so the index is the same. Progress is logged as parts finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import faiss
+import ray
+from ray.exceptions import RayError, RayTaskError
+
+from index.build import BuildSpec
+from index.parts import PART_ROWS, PartsJob, add_part, build_in_parts
+from index.update import update_index
+from shardlight.core.config import RaySpec
+from shardlight.core.errors import ClusterError, ShardlightError, last_line
+from workers.pool import connect
+
+log = logging.getLogger("shardlight")
+
+TASK_RETRIES = 3  # reruns of a part whose task failed or whose process died
+RETRIED = (OSError, RuntimeError, MemoryError)  # errors worth another try (not ShardlightError: see below)
+
+
+@ray.remote
+def _add_part_task(job: PartsJob, number: int, threads: int, add: Callable[[PartsJob, int], dict]) -> dict:
+    faiss.omp_set_num_threads(threads)  # Ray's OMP_NUM_THREADS would be the task's CPUs anyway; say it
+    try:
+        return add(job, number)
+    except ShardlightError as err:  # not retried: carried to the driver as the same one-line error
+        return {"number": number, "error": err}
+
+
+@dataclass
+class RayRunner:
+    """Runs `add_part` for every part as a Ray task (`cpus` each), at most as many at once as the cluster has
+    room for; the results come back in any order."""
+
+    cpus: float = 1.0
+    retries: int = TASK_RETRIES
+    add: Callable[[PartsJob, int], dict] = add_part  # what a task runs (tests inject failures here)
+
+    def __call__(self, job: PartsJob, numbers: list[int]) -> list[dict]:
+        job_ref = ray.put(job)
+        task = _add_part_task.options(num_cpus=self.cpus, max_retries=self.retries,
+                                      retry_exceptions=list(RETRIED))
+        pending = {task.remote(job_ref, n, max(1, int(self.cpus)), self.add): n for n in numbers}
+        results, start = [], time.perf_counter()
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                number = pending.pop(done[0])
+                results.append(self._result(done[0], number))
+                log.info("index part %d done (%d/%d, %s rows, %.1fs in the task, %.0fs so far)", number, len(results),
+                         len(numbers), f"{results[-1]['rows']:,}", results[-1]["seconds"], time.perf_counter() - start)
+        except BaseException:
+            _cancel(list(pending))  # nothing may still write into the work folder the driver removes
+            raise
+        return results
+
+    def _result(self, ref, number: int) -> dict:
+        try:
+            result = ray.get(ref)
+        except RayTaskError as err:
+            raise ClusterError(f"index part {number} failed after {self.retries} retries: {last_line(err)[:300]}") from None
+        except RayError as err:
+            raise ClusterError(f"index part {number} was lost: {last_line(err)[:300]}") from None
+        if result.get("error") is not None:
+            raise result["error"]
+        return result
+
+
+def _cancel(refs: list, wait_s: float = 30.0) -> None:
+    for ref in refs:
+        ray.cancel(ref, force=True, recursive=True)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+
+
+def build_on_ray(out: str, spec: BuildSpec, ray_spec: RaySpec = RaySpec(), part_rows: int = PART_ROWS,
+                 runner: RayRunner | None = None) -> dict:
+    """Build OUT's index in parts on Ray (starting a local Ray when none is configured or running)."""
+    started = connect(ray_spec)
+    try:
+        return build_in_parts(out, spec, part_rows, runner or RayRunner())
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def update_on_ray(out: str, ray_spec: RaySpec = RaySpec(), part_rows: int = PART_ROWS,
+                  runner: RayRunner | None = None, **update_kwargs) -> dict:
+    """`update_index` with its parts (and any rebuild) on Ray."""
+    started = connect(ray_spec)
+    try:
+        return update_index(out, runner=runner or RayRunner(), part_rows=part_rows, **update_kwargs)
+    finally:
+        if started:
+            ray.shutdown()
