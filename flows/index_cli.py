@@ -69,10 +69,12 @@ def index_update(
     if as_json:
         print(json.dumps(meta, indent=2))
         return
-    update, drift = meta["update"], meta.get("drift") or {}
+    update, drift, tuning = meta["update"], meta.get("drift") or {}, meta.get("tuning") or {}
+    measured = tuning.get("qps") and update["mode"] != "unchanged"  # an add or a rebuild measures the speed anew
     console.print(f"index {update['mode']}: {meta['count']} vectors ({meta['factory']})"
                   + (f", +{update['added']}" if update.get("added") else "")
-                  + (f" — {update['reason']}" if update.get("reason") else ""))
+                  + (f" — {update['reason']}" if update.get("reason") else "")
+                  + (f"; {tuning['qps']:,.0f} queries/s measured at this size" if measured else ""))
     if drift.get("rebuild_recommended") and update["mode"] == "added":
         console.print(f"[yellow]new data fits the quantizer {drift['ratio']:.2f}× worse than at build time; "
                       f"consider `shardlight index-update {out} --rebuild-on-drift`[/]")

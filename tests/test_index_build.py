@@ -209,6 +209,32 @@ def test_a_rewritten_shard_forces_a_rebuild(tmp_path):
     assert update_index(str(tmp_path))["update"]["mode"] == "unchanged"
 
 
+def test_index_update_measures_speed_at_the_new_size_and_says_recall_is_the_builds(tmp_path, monkeypatch):
+    """The artifact after an index-update shows the queries/s that update measured, never the build's figure."""
+    from flows.report.summary import summary_markdown
+    from index import update
+
+    write_shard(tmp_path, "00000", clustered(300, DIM, seed=1))
+    built = build_index(str(tmp_path), "Flat", tune_queries=50)
+    write_shard(tmp_path, "00001", clustered(200, DIM, seed=2))
+    measured = []
+
+    def timed_search(index, queries, query_ids, k):  # the real search, with a figure no build could have
+        measured.append((index.ntotal, len(queries), int(query_ids.min())))
+        return None, {"qps": 4242.0, "latency_ms_p50": 0.25}
+
+    monkeypatch.setattr(update, "timed_search", timed_search)
+    meta = update_index(str(tmp_path))
+    assert measured == [(500, 50, 300)]  # at the grown size, on new vectors (ids 300…), as many as the build's
+    tuning = meta["tuning"]
+    assert tuning["qps"] == 4242.0 and tuning["speed_count"] == meta["count"] == 500
+    assert tuning["recall_count"] == 300 and tuning["recall_at_k"] == built["tuning"]["recall_at_k"]
+    assert read_meta(str(tmp_path))["tuning"] == tuning
+    text = summary_markdown(str(tmp_path))  # what the Prefect artifact and the report show
+    assert "on 300 vectors (not re-measured after index-update)" in text
+    assert "4,242 queries/s (measured after index-update)" in text and text.count("queries/s") == 1
+
+
 # --- filters --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW16", "PCA16,IVF8,SQ8", "IVF8,PQ8x4fs,RFlat"])
