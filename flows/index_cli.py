@@ -12,6 +12,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from index import DEDUP_THRESHOLD
+
 index_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
@@ -41,8 +43,9 @@ def serve(
 @index_app.command()
 def dedup(
     out: str = typer.Argument(..., help="Output folder of a run (with OUT/index)."),
-    threshold: float = typer.Option(0.95, "--threshold", "-t", min=-1.0, max=1.0,
-                                    help="Cosine similarity at or above which two images are near-duplicates."),
+    threshold: float = typer.Option(DEDUP_THRESHOLD, "--threshold", "-t", min=-1.0, max=1.0,
+                                    help="Cosine similarity at or above which two images are near-duplicates "
+                                         "(docs/index.md says how the default was chosen)."),
     neighbors: int = typer.Option(16, min=1, help="Nearest rows examined per image."),
 ) -> None:
     """Find groups of near-duplicate images and write them to OUT/dedup/duplicates.parquet."""
@@ -50,7 +53,8 @@ def dedup(
 
     summary = find_duplicates(out, threshold=threshold, neighbors=neighbors)
     console.print(f"{summary['groups']} group(s), {summary['duplicates']} duplicate(s) among {summary['rows']} "
-                  f"images at similarity ≥ {threshold}: {summary['path']}")
+                  f"images at similarity ≥ {threshold} ({summary['synthetic_members']} group member(s) generated): "
+                  f"{summary['path']}")
 
 
 @index_app.command("index-update")

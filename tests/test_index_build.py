@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -287,6 +288,32 @@ def test_dedup_finds_planted_duplicate_groups(tmp_path):
         groups.setdefault(r["group"], []).append((r["row"], r["representative"]))
     assert groups == {7: [(7, True), (100, False), (250, False)], 42: [(42, True), (399, False)]}
     assert all(r["similarity"] >= 0.99 for r in table)
+    assert not any(r["synthetic"] for r in table)
+
+
+def test_dedup_says_which_members_are_generated(tmp_path):
+    x = clustered(40, DIM, seed=4, spread=0.3)
+    write_shard(tmp_path, "00000", x)
+    write_shard(tmp_path, "00000", x[:3] * 1.0001, folder="augmented", key_prefix="gen", synthetic=[True] * 3)
+    build_index(str(tmp_path), "Flat")
+    summary = dedup(str(tmp_path), threshold=0.999)
+    rows = pq.read_table(tmp_path / "dedup" / "duplicates.parquet").to_pylist()
+    by_key = {r["key"]: r for r in rows}
+    assert {k for k, r in by_key.items() if r["synthetic"]} == {f"gen_{i:06d}" for i in range(3)}
+    assert all(not by_key[f"00000_{i:06d}"]["synthetic"] and by_key[f"00000_{i:06d}"]["representative"] for i in range(3))
+    assert summary["synthetic_members"] == 3
+
+
+def test_dedup_default_threshold_is_the_documented_one():
+    import inspect
+
+    from flows.index_cli import dedup as dedup_command
+    from index import DEDUP_THRESHOLD
+
+    assert inspect.signature(dedup).parameters["threshold"].default == DEDUP_THRESHOLD
+    assert inspect.signature(dedup_command).parameters["threshold"].default.default == DEDUP_THRESHOLD
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "index.md").read_text()
+    assert f"shardlight dedup OUT --threshold {DEDUP_THRESHOLD}" in docs
 
 
 def test_dedup_refuses_a_stale_index(tmp_path):
