@@ -65,6 +65,21 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_OneLineErrors())
 
 
+class _NoDocsLinks(logging.Filter):
+    """Prefect's "Starting temporary server on URL" comes with a second line, "See https://… for more
+    information on running a dedicated Prefect server": advice for Prefect users that splits the console
+    (and the progress bar after it). The first line is kept; README.md says how to use a running server."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\nSee https://" in message:
+            record.msg, record.args = message.split("\nSee https://", 1)[0], ()
+        return True
+
+
+logging.getLogger("prefect").addFilter(_NoDocsLinks())  # the logger Prefect's temporary server logs with
+
+
 def send_logs_to_prefect() -> None:
     """shardlight's log lines go to the Prefect run's logs (the UI) and to this process's stderr.
 
