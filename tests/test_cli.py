@@ -140,7 +140,8 @@ def test_demo_then_report_then_augment_preview(tmp_path):
 @pytest.mark.timeout(900)
 def test_a_runs_console_has_no_token_notice_or_docs_links_around_its_progress_bar(augmented_cli_run):
     """Ray's "Token authentication is enabled…" notice and Prefect's "See https://…" advice broke the progress
-    bar; a run's stderr holds neither, and between the bar's first and last frame only the bar and log lines."""
+    bar; a run's stderr holds neither, between the bar's first and last frame only the bar and whole log lines,
+    and no log line is printed into a frame of the bar."""
     _, done = augmented_cli_run
     pieces = [p.strip() for p in re.split(r"[\r\n]+", done.stderr) if p.strip()]
     foreign = [p for p in pieces if "token authentication" in p.lower() or re.search(r"\bsee https?://", p, re.I)]
@@ -150,3 +151,4 @@ def test_a_runs_console_has_no_token_notice_or_docs_links_around_its_progress_ba
     log_line = re.compile(r"^\d\d:\d\d:\d\d(\.\d+)? \| [A-Z]+ +\| ")  # Prefect's and shardlight's console format
     between = [p for p in pieces[bar[0]:bar[-1] + 1] if not p.startswith("embedding + augmenting")]
     assert all(log_line.match(p) for p in between), between
+    assert all(pieces[i].endswith("]") for i in bar), [pieces[i] for i in bar]  # no log line inside a bar's line
