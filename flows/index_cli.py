@@ -12,6 +12,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from index import DEDUP_THRESHOLD
+
 index_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
@@ -41,8 +43,9 @@ def serve(
 @index_app.command()
 def dedup(
     out: str = typer.Argument(..., help="Output folder of a run (with OUT/index)."),
-    threshold: float = typer.Option(0.95, "--threshold", "-t", min=-1.0, max=1.0,
-                                    help="Cosine similarity at or above which two images are near-duplicates."),
+    threshold: float = typer.Option(DEDUP_THRESHOLD, "--threshold", "-t", min=-1.0, max=1.0,
+                                    help="Cosine similarity at or above which two images are near-duplicates "
+                                         "(docs/index.md says how the default was chosen)."),
     neighbors: int = typer.Option(16, min=1, help="Nearest rows examined per image."),
 ) -> None:
     """Find groups of near-duplicate images and write them to OUT/dedup/duplicates.parquet."""
@@ -50,7 +53,8 @@ def dedup(
 
     summary = find_duplicates(out, threshold=threshold, neighbors=neighbors)
     console.print(f"{summary['groups']} group(s), {summary['duplicates']} duplicate(s) among {summary['rows']} "
-                  f"images at similarity ≥ {threshold}: {summary['path']}")
+                  f"images at similarity ≥ {threshold} ({summary['synthetic_members']} group member(s) generated): "
+                  f"{summary['path']}")
 
 
 @index_app.command("index-update")
@@ -81,10 +85,12 @@ def index_update(
     if as_json:
         print(json.dumps(meta, indent=2))
         return
-    update, drift = meta["update"], meta.get("drift") or {}
+    update, drift, tuning = meta["update"], meta.get("drift") or {}, meta.get("tuning") or {}
+    measured = tuning.get("qps") and update["mode"] != "unchanged"  # an add or a rebuild measures the speed anew
     console.print(f"index {update['mode']}: {meta['count']} vectors ({meta['factory']})"
                   + (f", +{update['added']}" if update.get("added") else "")
-                  + (f" — {update['reason']}" if update.get("reason") else ""))
+                  + (f" — {update['reason']}" if update.get("reason") else "")
+                  + (f"; {tuning['qps']:,.0f} queries/s measured at this size" if measured else ""))
     if drift.get("rebuild_recommended") and update["mode"] == "added":
         console.print(f"[yellow]new data fits the quantizer {drift['ratio']:.2f}× worse than at build time; "
                       f"consider `shardlight index-update {out} --rebuild-on-drift`[/]")

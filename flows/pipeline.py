@@ -6,11 +6,13 @@ done when its embeddings Parquet exists, so every stage can be re-run and a kill
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from flows.index_build import build_on_ray, update_on_ray  # noqa: E402
 from flows.lease import OutputLease  # noqa: E402
@@ -64,6 +67,21 @@ class _OneLineErrors(logging.Filter):
 
 for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_OneLineErrors())
+
+
+class _NoDocsLinks(logging.Filter):
+    """Prefect's "Starting temporary server on URL" comes with a second line, "See https://… for more
+    information on running a dedicated Prefect server": advice for Prefect users that splits the console
+    (and the progress bar after it). The first line is kept; README.md says how to use a running server."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\nSee https://" in message:
+            record.msg, record.args = message.split("\nSee https://", 1)[0], ()
+        return True
+
+
+logging.getLogger("prefect").addFilter(_NoDocsLinks())  # the logger Prefect's temporary server logs with
 
 
 def send_logs_to_prefect() -> None:
@@ -115,10 +133,23 @@ def images_per_s(rows: int, wall_s: float, embed_s: float, augment_s: float) -> 
     return round(rows / embed_wall_s, 2) if rows and embed_wall_s > 0 else 0.0
 
 
+def _console_loggers() -> list[logging.Logger]:
+    """The loggers that print to the terminal: the root (Prefect's console handler) and shardlight's own."""
+    def to_terminal(handler: logging.Handler) -> bool:
+        return isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
+    loggers = [logging.getLogger(), logging.getLogger("shardlight")]
+    return [logger for logger in loggers if any(to_terminal(h) for h in logger.handlers)]
+
+
 class _ShardProgress:
-    """A progress bar over shards: rows embedded, images generated (when augmenting) and `images_per_s`."""
+    """A progress bar over shards: rows embedded, images generated (when augmenting) and `images_per_s`.
+
+    While it is shown, console log lines go through `tqdm.write`: printed above the bar, never into its line.
+    """
 
     def __init__(self, desc: str, total: int, start: float):
+        self._logs = contextlib.ExitStack()
+        self._logs.enter_context(logging_redirect_tqdm(loggers=_console_loggers()))
         self.bar = tqdm(total=total, unit="shard", desc=desc, dynamic_ncols=True)
         self.rows, self.generated, self.start = 0, 0, start
         self.embed_s, self.augment_s = 0.0, 0.0
@@ -138,6 +169,7 @@ class _ShardProgress:
 
     def close(self) -> None:
         self.bar.close()
+        self._logs.close()
 
 
 @task(name="process-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_expected)

@@ -1,7 +1,8 @@
 """Groups of near-duplicate images, found with the index, written to OUT/dedup/duplicates.parquet.
 
     >>> from index.dedup import dedup
-    >>> dedup("out", threshold=0.95)   # cosine similarity at or above which two images are duplicates
+    >>> dedup("out")                   # at DEDUP_THRESHOLD (index/__init__.py), the cosine of near-duplicates
+    >>> dedup("out", threshold=0.97)   # looser: also near-identical compositions
 
 Every vector asks the index for its `neighbors` nearest rows; pairs at or above the threshold are
 edges, and connected components of that graph are the groups (as in NeMo Curator's semantic dedup and
@@ -15,7 +16,9 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from index import DEDUP_THRESHOLD
 from index.store import includes_synthetic, load_index
 from index.vectors import fingerprint, index_files, iter_vectors
 from shardlight.core.errors import IndexStateError, InputError
@@ -54,7 +57,7 @@ def find_edges(index, files: list[str], threshold: float, neighbors: int) -> tup
     return np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s)
 
 
-def dedup(out: str, threshold: float = 0.95, neighbors: int = 16) -> dict:
+def dedup(out: str, threshold: float = DEDUP_THRESHOLD, neighbors: int = 16) -> dict:
     """Write OUT/dedup/duplicates.parquet and return a summary.
 
     Args:
@@ -63,7 +66,8 @@ def dedup(out: str, threshold: float = 0.95, neighbors: int = 16) -> dict:
         neighbors: nearest rows examined per image (a larger group is still found through its links).
 
     The Parquet file has one row per member of a group of two or more: `group` (the representative's
-    FAISS id), `key`, `shard`, `row`, `representative` (kept), `similarity` (strongest link found).
+    FAISS id), `key`, `shard`, `row`, `synthetic` (a DiT-generated row, from OUT/augmented),
+    `representative` (kept), `similarity` (strongest link found).
     """
     if not -1.0 <= threshold <= 1.0:
         raise InputError(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
@@ -80,11 +84,13 @@ def dedup(out: str, threshold: float = 0.95, neighbors: int = 16) -> dict:
     sizes = np.bincount(labels, minlength=index.ntotal)
     members = np.flatnonzero(sizes[labels] > 1)
     members = members[np.lexsort((members, labels[members]))]  # by group, representative first
+    picked = ids.take(pa.array(members))
     table = pa.table({
         "group": pa.array(labels[members], pa.int64()),
-        "key": ids.column("key").take(pa.array(members)),
-        "shard": ids.column("shard").take(pa.array(members)),
-        "row": ids.column("row").take(pa.array(members)),
+        "key": picked.column("key"),
+        "shard": picked.column("shard"),
+        "row": picked.column("row"),
+        "synthetic": _synthetic(picked),
         "representative": pa.array(labels[members] == members),
         "similarity": pa.array(best[members], pa.float32()),
     })
@@ -92,4 +98,12 @@ def dedup(out: str, threshold: float = 0.95, neighbors: int = 16) -> dict:
     write_table(path, table, {DEDUP_KEY: json.dumps({"threshold": threshold, "neighbors": neighbors}).encode()})
     groups = int((sizes > 1).sum())
     return {"path": path, "threshold": threshold, "groups": groups, "duplicates": int(len(members) - groups),
-            "rows": int(index.ntotal)}
+            "rows": int(index.ntotal), "synthetic_members": int(pc.sum(table.column("synthetic")).as_py() or 0)}
+
+
+def _synthetic(ids: pa.Table) -> pa.Array:
+    """Whether each id-map row is a DiT-generated row (OUT/augmented); an id map from before its `source`
+    column cannot tell, and says False."""
+    if "source" not in ids.column_names:
+        return pa.array([False] * ids.num_rows, pa.bool_())
+    return pc.equal(ids.column("source"), "augmented").combine_chunks()

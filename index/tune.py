@@ -87,9 +87,8 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / max(1, int((truth >= 0).sum()))
 
 
-def measure(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray) -> dict:
-    """Recall@k, batch queries/s and single-query latency at the index's current parameters."""
-    k = truth.shape[1]
+def timed_search(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, k: int) -> tuple[np.ndarray, dict]:
+    """Held-out top-k ids, and the batch queries/s and single-query latency at the index's current parameters."""
     start = time.perf_counter()
     found = search_held_out(index, queries, query_ids, k)
     seconds = time.perf_counter() - start
@@ -98,8 +97,14 @@ def measure(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, trut
         t = time.perf_counter()
         index.search(q[None, :], k)
         single.append(time.perf_counter() - t)
-    return {"recall_at_k": round(recall_at_k(found, truth), 4), "qps": round(len(queries) / seconds, 1),
-            "latency_ms_p50": round(float(np.median(single)) * 1e3, 3)}
+    return found, {"qps": round(len(queries) / max(seconds, 1e-9), 1),
+                   "latency_ms_p50": round(float(np.median(single)) * 1e3, 3) if single else None}
+
+
+def measure(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray) -> dict:
+    """Recall@k, batch queries/s and single-query latency at the index's current parameters."""
+    found, speed = timed_search(index, queries, query_ids, truth.shape[1])
+    return {"recall_at_k": round(recall_at_k(found, truth), 4), **speed}
 
 
 def _limit(index: faiss.Index, name: str) -> int:

@@ -8,6 +8,10 @@ New vectors are encoded with the index's trained quantizer and appended, and the
 so the result answers exactly as a rebuild that kept the same quantizer (and, for Flat, exactly as any
 rebuild). A shard whose embeddings were rewritten or removed forces a full rebuild. Drift is the ratio
 of the new vectors' quantization error to the error measured on held-out vectors at build time.
+
+Search speed (`tuning.qps`, `tuning.latency_ms_p50`) is measured again after every add, on new vectors as
+queries, at the grown size (`tuning.speed_count`); recall needs an exact pass over every vector, so it is
+not: `tuning.recall_count` says how many vectors the index held when its recall was measured.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from index.build import BuildSpec, add_all, build_index, quantization_error, rem
 from index.parts import PART_ROWS, PartsJob, Runner, build_in_parts, cleaned_up, in_parts, merge, sequential, split, work_folder
 from index.rerank import Float16Writer, attach, copy_rows, create, detach, open_vectors
 from index.store import INDEX_DIR, file_names, includes_synthetic, load_index, read_meta, save, vectors_workfile
-from index.tune import apply_tuning
+from index.tune import apply_tuning, timed_search
 from index.vectors import file_name, fingerprint, index_files, num_rows, sample, signature
 from shardlight.core.storage import join, local_path
 
@@ -94,14 +98,18 @@ def update_index(out: str, *, rebuild_on_drift: bool = False, drift_tolerance: f
         return {**meta, "update": {"mode": "unchanged", "added": 0}}
     start = time.perf_counter()
     index, ids, _ = load_index(out)
-    drift = _drift(index, meta, new, drift_tolerance)
+    _, probe, probe_rows = sample(new, 0, DRIFT_SAMPLE)
+    drift = _drift(index, meta, probe, drift_tolerance)
     if drift["drifted"] and rebuild_on_drift:
         return _rebuild(out, meta, f"data drifted (quantization error ×{drift['ratio']:.2f})", **build_kwargs)
+    before = int(index.ntotal)
     if "trained" in meta["files"]:  # built in parts: updated in parts
-        updated = _add_parts(out, index, ids, meta, new, files, drift, start, runner or sequential, part_rows)
+        updated = _add_parts(out, index, ids, meta, new, files, drift, start, runner or sequential, part_rows,
+                             (probe, probe_rows + before))
     else:
         index, vectors, added = _add(out, index, new, fingerprint(files), meta)
         updated = _updated_meta(meta, files, index, drift, len(new), time.perf_counter() - start)
+        updated["tuning"] = _speed_after_add(index, meta, probe, probe_rows + before)
         save(out, index, pa.concat_tables([ids, added]), updated, {"vectors": vectors} if vectors else None)
     if drift["drifted"]:
         log.warning("new data fits the index's quantizer %.2f× worse than at build time: consider a rebuild "
@@ -129,7 +137,7 @@ def _add(out: str, index, new: list[str], build: str, meta: dict):
 
 
 def _add_parts(out: str, index, ids: pa.Table, meta: dict, new: list[str], files: list[str], drift: dict,
-               start: float, runner: Runner, part_rows: int) -> dict:
+               start: float, runner: Runner, part_rows: int, probe: tuple) -> dict:
     """Add `new` to an index built in parts: parts of the new files added to copies of its trained empty index,
     merged after its own lists into a fresh copy (a new `.ivfdata` when on disk), published (index/parts.py)."""
     build = fingerprint(files)
@@ -151,15 +159,29 @@ def _add_parts(out: str, index, ids: pa.Table, meta: dict, new: list[str], files
         merged = attach(merged, open_vectors(vectors)) if vectors else merged
         apply_tuning(merged, meta.get("tuning") or {})
         updated = _updated_meta(meta, files, merged, drift, len(new), time.perf_counter() - start, lists, parts=True)
+        updated["tuning"] = _speed_after_add(merged, meta, *probe)
         added = [pq.read_table(job.ids_path(p.number)) for p in parts]
         ready = {"trained": trained, **({"vectors": vectors} if vectors else {})}
         save(out, merged, pa.concat_tables([ids, *added]), updated, ready)
     return updated
 
 
-def _drift(index, meta: dict, new: list[str], tolerance: float) -> dict:
+def _speed_after_add(index, meta: dict, probe, probe_ids) -> dict:
+    """The build's tuning with queries/s and latency measured again at the index's new size (held-out new
+    vectors as queries, as many as the build used); its recall stays the build's, marked with its size."""
+    tuning = dict(meta.get("tuning") or {})
+    queries = int(tuning.get("queries") or len(probe))
+    k = int(tuning.get("k") or 10)
+    if len(probe):
+        _, speed = timed_search(index, probe[:queries], probe_ids[:queries], min(k, max(1, int(index.ntotal) - 1)))
+        tuning.update(speed, speed_queries=min(queries, len(probe)))
+    tuning["speed_count"] = int(index.ntotal) if len(probe) else tuning.get("speed_count", int(meta["count"]))
+    tuning["recall_count"] = tuning.get("recall_count", int(meta["count"]))
+    return tuning
+
+
+def _drift(index, meta: dict, probe, tolerance: float) -> dict:
     """Quantization error of a sample of the new vectors, relative to the build-time error."""
-    _, probe, _ = sample(new, 0, DRIFT_SAMPLE)
     error = quantization_error(index, probe)
     baseline = _total(meta.get("quantization_error") or {})
     ratio = _total(error) / baseline if baseline > 0 else 1.0

@@ -111,3 +111,36 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def augmented_cli_run(tmp_path_factory):
+    """A real `shardlight run` through the console script, augmentation on: two shards of 8 demo images, the
+    shipped demo models, a few DiT images per shard. Yields (OUT, the finished process with its stdout/stderr).
+    For the tests that read an output as users do (tests/test_analyst_reads.py) and check what a run prints."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from shardlight.core.config import CONFIG_DIR
+
+    root = tmp_path_factory.mktemp("cli-run")
+    write_shards(root / "data", shards=2, samples_per_shard=8, seed=17)
+    models = CONFIG_DIR / "models"
+    config = {
+        "clip": {"model": "shapes-clip", "pretrained": str(models / "shapes-clip.safetensors")},
+        "labels": {"kind": "vit", "model": "shapes-vit", "checkpoint": str(models / "shapes-vit.safetensors")},
+        "ray": {"num_cpus": 2, "num_actors": 1},
+        "index": {"factory": "Flat"},
+        "augment": {"enabled": True, "checkpoint": str(models / "shapes-dit.safetensors"),
+                    "classes": ["red circle", "blue square"], "generate_per_class": 1, "vary_sources": 1,
+                    "vary_per_source": 2, "steps": 4},
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "COLUMNS": "200"}
+    shardlight = str(Path(sys.executable).with_name("shardlight"))
+    done = subprocess.run([shardlight, "run", str(root / "run.yaml"), "-i", str(root / "data"), "-o", str(root / "out")],
+                          capture_output=True, text=True, timeout=800, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "out", done

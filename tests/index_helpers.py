@@ -12,7 +12,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from shardlight.core.layout import STATS_KEY, run_record_path  # noqa: E402
-from shardlight.core.schema import Row, rows_table, write_table  # noqa: E402
+from shardlight.core.schema import Generation, Row, rows_table, write_table  # noqa: E402
 
 
 def clustered(n: int, dim: int = 32, clusters: int = 20, spread: float = 0.25, seed: int = 0,
@@ -39,12 +39,13 @@ def write_shard(out: str | Path, shard: str, vectors: np.ndarray, labels: list[s
     n, dim = vectors.shape
     keys = [f"{key_prefix or shard}_{i:06d}" for i in range(n)]
     labels = labels or ["red circle" if i % 2 else "blue square" for i in range(n)]
-    metas = [{} if synthetic is None else {"synthetic": bool(synthetic[i])} for i in range(n)]
+    made = [Generation(mode="generate", target_label=labels[i], seed=i, steps=1, guidance=1.0, generator="test")
+            if synthetic is not None and synthetic[i] else None for i in range(n)]
     url, offsets, sizes = tar or (None, [None] * n, [None] * n)
     rows = [Row(key=k, shard=shard, caption=f"caption of {k}", url=f"http://example.com/{k}.jpg", width=64, height=64,
                 image_format="jpg", tar_offset=offsets[i], tar_size=sizes[i], image_embedding=vectors[i],
                 text_embedding=vectors[i], clip_score=0.3, label_id=0, label=labels[i], label_prob=0.9,
-                topk_ids=[0], topk_probs=[0.9], meta=metas[i]) for i, k in enumerate(keys)]
+                topk_ids=[0], topk_probs=[0.9], generation=made[i]) for i, k in enumerate(keys)]
     stats = {"shard": shard, "url": url, "rows": n}
     path = Path(out) / folder / f"{shard}.parquet"
     write_table(str(path), rows_table(rows, dim), {STATS_KEY: json.dumps(stats).encode()})

@@ -81,6 +81,16 @@ def test_version_short_help_long_k_and_defaults_that_do_not_depend_on_the_cwd():
 def test_query_needs_exactly_one_of_text_image_key_named_as_the_cli_spells_them(tmp_path):
     assert_one_line_error(run_cli("query", str(tmp_path), "--k", "3"), "give exactly one of TEXT, --image FILE or --key KEY")
 
+def test_augment_preview_writes_beside_the_report_in_out_whatever_the_cwd(tmp_path, monkeypatch):
+    """One convention: both `report` and `augment-preview` write into OUT/report/, never the current directory."""
+    from flows.report.preview import preview_path
+    from flows.report.summary import report_path
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "elsewhere" / "out"
+    assert preview_path(str(out)).resolve().parent == report_path(str(out)).parent == out / "report"
+
+
 @pytest.mark.timeout(150)
 def test_report_and_augment_preview_need_a_run(tmp_path):
     assert_one_line_error(run_cli("report", str(tmp_path)), "no embeddings under")
@@ -124,3 +134,21 @@ def test_demo_then_report_then_augment_preview(tmp_path):
     assert f"wrote {dest}" in preview.stdout.replace("\n", "")
     with Image.open(dest) as img:
         assert img.format == "PNG" and img.width > 0 and np.asarray(img.convert("L")).var() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_runs_console_has_no_token_notice_or_docs_links_around_its_progress_bar(augmented_cli_run):
+    """Ray's "Token authentication is enabled…" notice and Prefect's "See https://…" advice broke the progress
+    bar; a run's stderr holds neither, between the bar's first and last frame only the bar and whole log lines,
+    and no log line is printed into a frame of the bar."""
+    _, done = augmented_cli_run
+    pieces = [p.strip() for p in re.split(r"[\r\n]+", done.stderr) if p.strip()]
+    foreign = [p for p in pieces if "token authentication" in p.lower() or re.search(r"\bsee https?://", p, re.I)]
+    assert not foreign, done.stderr[-3000:]
+    bar = [i for i, p in enumerate(pieces) if p.startswith("embedding + augmenting")]
+    assert bar, done.stderr[-3000:]
+    log_line = re.compile(r"^\d\d:\d\d:\d\d(\.\d+)? \| [A-Z]+ +\| ")  # Prefect's and shardlight's console format
+    between = [p for p in pieces[bar[0]:bar[-1] + 1] if not p.startswith("embedding + augmenting")]
+    assert all(log_line.match(p) for p in between), between
+    assert all(pieces[i].endswith("]") for i in bar), [pieces[i] for i in bar]  # no log line inside a bar's line

@@ -72,6 +72,30 @@ def run(env, *args, timeout=600):
     return result
 
 
+LAST_RUN = """
+import json
+from prefect import get_client
+from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterState,
+                                            FlowRunFilterStateType, LogFilter, LogFilterFlowRunId)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
+with get_client(sync_client=True) as client:
+    done = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])))
+    run = client.read_flow_runs(flow_run_filter=done, sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    summary = [a.data for a in artifacts if a.key == "shardlight-run-summary"]
+    print(json.dumps({"logs": [entry.message for entry in logs], "artifact": summary[0] if summary else ""}))
+"""
+
+
+def _last_run_logs_and_artifact(env) -> tuple[list[str], str]:
+    """The latest completed flow run's log lines and its run-summary artifact, as the Prefect UI shows them
+    (scheduled runs not yet started have no start time and would sort first)."""
+    found = json.loads(run(env, sys.executable, "-c", LAST_RUN).stdout.strip().splitlines()[-1])
+    return found["logs"], found["artifact"]
+
+
 def test_cron_deployment_runs_incrementally(server):
     root, env = server
     data, out = root / "data", root / "out"
@@ -101,6 +125,10 @@ def test_cron_deployment_runs_incrementally(server):
         assert second["processed"] == 1 and second["skipped"] == 2
         assert second["index"]["count"] == first["index"]["count"] + 20
         assert (out / "embeddings" / "00000.parquet").stat().st_mtime_ns == kept
+        logs, artifact = _last_run_logs_and_artifact(env)
+        assert any("1 to process" in line for line in logs), logs  # shardlight's lines, run by the worker
+        # the artifact of the run that updated the index shows the speed measured by that update
+        assert f"{second['index']['count']:,} vectors" in artifact and "(measured after index-update)" in artifact
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:

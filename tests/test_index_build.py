@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -233,6 +234,32 @@ def test_a_rewritten_shard_forces_a_rebuild(tmp_path):
     assert update_index(str(tmp_path))["update"]["mode"] == "unchanged"
 
 
+def test_index_update_measures_speed_at_the_new_size_and_says_recall_is_the_builds(tmp_path, monkeypatch):
+    """The artifact after an index-update shows the queries/s that update measured, never the build's figure."""
+    from flows.report.summary import summary_markdown
+    from index import update
+
+    write_shard(tmp_path, "00000", clustered(300, DIM, seed=1))
+    built = build_index(str(tmp_path), "Flat", tune_queries=50)
+    write_shard(tmp_path, "00001", clustered(200, DIM, seed=2))
+    measured = []
+
+    def timed_search(index, queries, query_ids, k):  # the real search, with a figure no build could have
+        measured.append((index.ntotal, len(queries), int(query_ids.min())))
+        return None, {"qps": 4242.0, "latency_ms_p50": 0.25}
+
+    monkeypatch.setattr(update, "timed_search", timed_search)
+    meta = update_index(str(tmp_path))
+    assert measured == [(500, 50, 300)]  # at the grown size, on new vectors (ids 300…), as many as the build's
+    tuning = meta["tuning"]
+    assert tuning["qps"] == 4242.0 and tuning["speed_count"] == meta["count"] == 500
+    assert tuning["recall_count"] == 300 and tuning["recall_at_k"] == built["tuning"]["recall_at_k"]
+    assert read_meta(str(tmp_path))["tuning"] == tuning
+    text = summary_markdown(str(tmp_path))  # what the Prefect artifact and the report show
+    assert "on 300 vectors (not re-measured after index-update)" in text
+    assert "4,242 queries/s (measured after index-update)" in text and text.count("queries/s") == 1
+
+
 # --- filters --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW16", "PCA16,IVF8,SQ8", "IVF8,PQ8x4fs,RFlat",
@@ -286,6 +313,32 @@ def test_dedup_finds_planted_duplicate_groups(tmp_path):
         groups.setdefault(r["group"], []).append((r["row"], r["representative"]))
     assert groups == {7: [(7, True), (100, False), (250, False)], 42: [(42, True), (399, False)]}
     assert all(r["similarity"] >= 0.99 for r in table)
+    assert not any(r["synthetic"] for r in table)
+
+
+def test_dedup_says_which_members_are_generated(tmp_path):
+    x = clustered(40, DIM, seed=4, spread=0.3)
+    write_shard(tmp_path, "00000", x)
+    write_shard(tmp_path, "00000", x[:3] * 1.0001, folder="augmented", key_prefix="gen", synthetic=[True] * 3)
+    build_index(str(tmp_path), "Flat")
+    summary = dedup(str(tmp_path), threshold=0.999)
+    rows = pq.read_table(tmp_path / "dedup" / "duplicates.parquet").to_pylist()
+    by_key = {r["key"]: r for r in rows}
+    assert {k for k, r in by_key.items() if r["synthetic"]} == {f"gen_{i:06d}" for i in range(3)}
+    assert all(not by_key[f"00000_{i:06d}"]["synthetic"] and by_key[f"00000_{i:06d}"]["representative"] for i in range(3))
+    assert summary["synthetic_members"] == 3
+
+
+def test_dedup_default_threshold_is_the_documented_one():
+    import inspect
+
+    from flows.index_cli import dedup as dedup_command
+    from index import DEDUP_THRESHOLD
+
+    assert inspect.signature(dedup).parameters["threshold"].default == DEDUP_THRESHOLD
+    assert inspect.signature(dedup_command).parameters["threshold"].default.default == DEDUP_THRESHOLD
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "index.md").read_text()
+    assert f"shardlight dedup OUT --threshold {DEDUP_THRESHOLD}" in docs
 
 
 def test_dedup_refuses_a_stale_index(tmp_path):

@@ -26,7 +26,7 @@ from PIL import Image
 
 from shardlight.core.config import AugmentSpec, ClipSpec, ComputeSpec, LabelSpec
 from shardlight.core.layout import STATS_KEY, augmented_path, embeddings_path
-from shardlight.core.schema import Row, SampleError, rows_table, write_table
+from shardlight.core.schema import Generation, Row, SampleError, rows_table, write_table
 from shardlight.core.storage import exists, open_read, shard_name, write_atomic
 from shardlight.models.clip import ClipEmbedder
 from shardlight.models.device import pick_device, pick_dtype
@@ -91,20 +91,22 @@ class ShardAugmenter:
         if not exists(source):
             raise FileNotFoundError(f"{source} missing: the augment stage runs on embedded shards")
         with open_read(source) as f:
-            rows = pq.read_table(f, columns=["key", "label"]).to_pylist()
+            parquet = pq.ParquetFile(f)
+            source_schema = parquet.schema_arrow  # its json columns, which the generated rows carry too (null)
+            rows = parquet.read(columns=["key", "label"]).to_pylist()
         jobs, unknown = self._plan(shard_url, rows)
         images = self._run(jobs)
         rows, tar_bytes, dropped = self._score_and_pack(name, jobs, images)
         stats = {
             "shard": name, "url": shard_url, "model": self.gen.name, "generated": len(jobs), "rows": len(rows),
             "dropped_low_clip": dropped, "unknown_labels": unknown,
-            "by_mode": dict(Counter(r.meta["mode"] for r in rows)),
-            "label_agrees": sum(r.meta["target_label"] == r.label for r in rows),
+            "by_mode": dict(Counter(r.generation.mode for r in rows)),
+            "label_agrees": sum(r.generation.target_label == r.label for r in rows),
             "seconds": round(time.perf_counter() - start, 3),
         }
         stats["images_per_s"] = round(len(jobs) / max(stats["seconds"], 1e-9), 2)
         write_atomic(augmented_path(out, name, "tar"), tar_bytes)
-        table = rows_table(rows, self.clip.dim)
+        table = rows_table(rows, self.clip.dim, like=source_schema)
         write_table(augmented_path(out, name, "parquet"), table, {STATS_KEY: json.dumps(stats).encode()})
         return stats
 
@@ -177,13 +179,12 @@ class ShardAugmenter:
         members = []
         for n, i in enumerate(keep):
             job, image = jobs[i], images[i]
-            meta = self._meta(job, float(scores[i]))
-            png = _png(image)
-            members.append((job.key, png, meta))
+            made = self._generation(job)
+            members.append((job.key, _png(image), _tar_json(made, float(scores[i]))))
             rows.append(Row(
                 key=job.key, shard=shard, caption=self.prompts[job.target],  # the class prompt stands in for a caption
                 url=None, width=image.width, height=image.height, image_format="png", image_embedding=emb[i],
-                text_embedding=self.prompt_embeddings[job.target], clip_score=float(scores[i]), meta=meta,
+                text_embedding=self.prompt_embeddings[job.target], clip_score=float(scores[i]), generation=made,
                 **(labels.row(n) if labels else {})))
         tar_bytes = _tar(members)
         offsets = _png_offsets(tar_bytes)
@@ -191,11 +192,17 @@ class ShardAugmenter:
             row.tar_offset, row.tar_size = offsets[row.key]
         return rows, tar_bytes, len(jobs) - len(keep)
 
-    def _meta(self, job: Job, score: float) -> dict:
-        return {"synthetic": True, "source_key": job.source_key, "target_label": self.gen.class_names[job.target],
-                "mode": job.mode, "seed": job.seed, "steps": self.steps, "guidance": self.guidance,
-                "strength": self.spec.strength if job.mode == "vary" else None, "model": self.gen.name,
-                "prompt_score": round(score, 6)}
+    def _generation(self, job: Job) -> Generation:
+        return Generation(mode=job.mode, target_label=self.gen.class_names[job.target], seed=job.seed,
+                          steps=self.steps, guidance=self.guidance, generator=self.gen.name, source_key=job.source_key,
+                          strength=self.spec.strength if job.mode == "vary" else None)
+
+
+def _tar_json(made: Generation, score: float) -> dict:
+    """The image's json member in the tar: how it was made (as its Parquet row's generation columns say)."""
+    return {"synthetic": True, "source_key": made.source_key, "target_label": made.target_label, "mode": made.mode,
+            "seed": made.seed, "steps": made.steps, "guidance": made.guidance, "strength": made.strength,
+            "model": made.generator, "prompt_score": round(score, 6)}
 
 
 def _png(image: Image.Image) -> bytes:

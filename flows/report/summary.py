@@ -99,8 +99,14 @@ def _index_text(index: dict) -> str:
         text += f" · measured recall{at} {tuning['recall_at_k']:.4f}"
         if tuning.get("param"):
             text += f" ({tuning['param']}={tuning.get('value')})"
-        if tuning.get("qps"):
-            text += f" · {tuning['qps']:,.0f} queries/s"
+        if tuning.get("recall_count") not in (None, index.get("count")):  # index-update re-measures speed only
+            text += f" at build, on {tuning['recall_count']:,} vectors (not re-measured after index-update)"
+    if tuning.get("qps"):
+        text += f" · {tuning['qps']:,.0f} queries/s"
+        if tuning.get("speed_count") not in (None, index.get("count")):
+            text += f" at {tuning['speed_count']:,} vectors"
+        elif tuning.get("recall_count") not in (None, index.get("count")):
+            text += " (measured after index-update)"
     for name, value in index.items():  # older or other builders: any top-level recall figure
         if "recall" in name:
             text += f" · {name} {_number(value)}"
