@@ -4,6 +4,10 @@ The driver ships a builder (a shard-worker class) and its constructor arguments 
 each actor builds its worker once and then calls `worker.process(shard_url, out) -> stats` per shard,
 writing the shard's outputs itself and returning only small stats. Any class with `describe()` and
 `process()` can be a shard worker; the pool is handed it and names none.
+
+Actors may be started ahead of their stage (`start_ahead`), so that loading their models overlaps whatever
+the driver does meanwhile (importing, starting the orchestrator); a stage's pool takes those actors first
+when their worker, arguments and resources are the ones it needs, and `release_ahead` kills any left over.
 """
 
 from __future__ import annotations
@@ -137,6 +141,49 @@ def gpu_share(nodes: list[dict], gpus_each: float) -> float:
 
 
 @dataclass
+class _StartedAhead:
+    builder: Callable
+    args: tuple
+    resources: tuple[float, float]  # (CPUs, GPUs) per actor
+    actor: object
+    ready: object  # the actor's ready() ref, already asked for
+
+
+_AHEAD: list[_StartedAhead] = []
+
+
+def start_ahead(cfg: RunConfig, shards: int, builder: Callable, args: tuple) -> PoolPlan:
+    """Start the actors a stage over `shards` shards will want, now, without waiting for them; Ray must be up.
+
+    The stage's pool claims them (`ShardPool`), so their start-up (process, imports, model loading) runs
+    while the driver goes on; an actor whose start fails reports it when claimed, as one started then would.
+    """
+    plan = plan_pool(cfg, shards)
+    for _ in range(plan.actors):
+        actor = ShardActor.options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus).remote(builder, args)
+        _AHEAD.append(_StartedAhead(builder, args, (plan.num_cpus, plan.num_gpus), actor, actor.ready.remote()))
+    return plan
+
+
+def _claim_ahead(builder: Callable, args: tuple, plan: PoolPlan) -> _StartedAhead | None:
+    for i, ahead in enumerate(_AHEAD):
+        if ahead.builder is builder and ahead.args == args and ahead.resources == (plan.num_cpus, plan.num_gpus):
+            return _AHEAD.pop(i)
+    return None
+
+
+def release_ahead() -> int:
+    """Kill the actors started ahead that no stage claimed; returns how many."""
+    count = 0
+    while _AHEAD:
+        ahead = _AHEAD.pop()
+        if ray.is_initialized():
+            ray.kill(ahead.actor)
+        count += 1
+    return count
+
+
+@dataclass
 class PoolResult:
     stats: list[dict] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # shard url -> reason
@@ -168,8 +215,9 @@ class ShardPool:
         """Start `count` actors; return once `needed` are up, leaving the rest to join when placed."""
         refs = {}
         for _ in range(count):
-            actor = self._start_actor()
-            refs[actor.ready.remote()] = actor
+            ahead = _claim_ahead(self.builder, self.args, self.plan)
+            actor = ahead.actor if ahead else self._start_actor()
+            refs[ahead.ready if ahead else actor.ready.remote()] = actor
         ready, waiting = ray.wait(list(refs), num_returns=needed, timeout=timeout)
         if len(ready) < needed:
             for actor in refs.values():

@@ -16,7 +16,7 @@ from shardlight.core.layout import augment_done, shard_done
 from shardlight.core.storage import shard_name
 from workers.augment import ShardAugmenter
 from workers.embed import ShardEmbedder
-from workers.pool import PoolResult, run_stage
+from workers.pool import PoolPlan, PoolResult, run_stage, start_ahead
 
 
 class ShardWorker:
@@ -51,4 +51,13 @@ class ShardWorker:
 def process_shards(cfg: RunConfig, out: str, shards: list[str],
                    on_done: Callable[[dict], None] | None = None) -> PoolResult:
     """The run's shard work: CLIP embeddings and labels, then DiT augmentations when enabled, one actor pool."""
-    return run_stage(cfg, out, shards, ShardWorker, (cfg.clip, cfg.labels, cfg.compute, cfg.augment), on_done)
+    return run_stage(cfg, out, shards, ShardWorker, _worker_args(cfg), on_done)
+
+
+def start_shard_workers_ahead(cfg: RunConfig, shards: int) -> PoolPlan:
+    """Start the actors `process_shards` will use for `shards` shards now (Ray must be up): see workers/pool.py."""
+    return start_ahead(cfg, shards, ShardWorker, _worker_args(cfg))
+
+
+def _worker_args(cfg: RunConfig) -> tuple:
+    return (cfg.clip, cfg.labels, cfg.compute, cfg.augment)

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from shardlight.core.layout import parquet_files, read_stats
 from shardlight.core.storage import open_read
@@ -202,8 +203,9 @@ def project_2d(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     centred = (vectors - vectors.mean(axis=0, keepdims=True)).astype(np.float64)
     if len(centred) < 2:
         return np.zeros((len(centred), 2)), "PCA"
-    # The top eigenvectors of the dim×dim covariance: far cheaper than an SVD of the n×dim sample.
-    _, eigvecs = np.linalg.eigh(centred.T @ centred)
+    # The top eigenvectors of the dim×dim covariance: far cheaper than an SVD of the n×dim sample. torch's
+    # (MKL) eigh, not numpy's: OpenBLAS's threaded eigh slows down by 10× when another process wants the cores.
+    _, eigvecs = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(centred.T @ centred)))
     axes = eigvecs[:, ::-1][:, :2]
     xy = centred @ axes
     return (xy if xy.shape[1] == 2 else np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))), "PCA"
