@@ -82,8 +82,9 @@ def run(
 
 def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
+    from flows.ahead import started_ahead
     from flows.interrupt import stop_cleanly_on_interrupt
-    from flows.pipeline import pipeline, workers_started_ahead
+    from flows.pipeline import pipeline
     from shardlight.core.space import check_space
     from shardlight.core.storage import check_output, list_shards
     from shardlight.models.weights import check_augment_files, check_weight_files
@@ -96,7 +97,7 @@ def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     check_weight_files(cfg.clip, cfg.labels)
     check_augment_files(cfg.augment)
     check_space(cfg.output, cfg.clip, cfg.labels)
-    with stop_cleanly_on_interrupt(cfg.output), workers_started_ahead(cfg):
+    with stop_cleanly_on_interrupt(cfg.output), started_ahead(cfg):
         summary = pipeline(cfg.model_dump(), wait_s=wait_s)
     _print_summary(summary)
     return summary

@@ -52,6 +52,10 @@ class OutputLease:
             fs, path = filesystem(self.url)
             fs.rm(path)
 
+    def held_by_another(self) -> bool:
+        """Whether a live run holds the lease now (a dead or expired holder does not count)."""
+        return exists(self.url) and not self._stale(self._read())
+
     def _record(self) -> bytes:
         return json.dumps({**self.owner, "expires": time.time() + self.ttl_s}).encode()
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 
@@ -27,7 +26,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The temporary local server can take longer than Prefect's 20 s default to start on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-import ray  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -53,8 +51,7 @@ from shardlight.core.layout import (  # noqa: E402
 )
 from shardlight.core.space import check_space, record_space  # noqa: E402
 from shardlight.core.storage import is_local, list_shards, makedirs, shard_name, write_atomic  # noqa: E402
-from workers.pool import connect, release_ahead  # noqa: E402
-from workers.shard_worker import process_shards, start_shard_workers_ahead  # noqa: E402
+from workers.shard_worker import process_shards  # noqa: E402
 
 log = logging.getLogger("shardlight")
 
@@ -316,27 +313,6 @@ def publish_report(cfg: RunConfig) -> str | None:
     create_markdown_artifact(markdown=summary_markdown(cfg.output, facts), key="shardlight-run-summary",
                              description=f"shardlight run: {cfg.output}")
     return str(page)
-
-
-@contextlib.contextmanager
-def workers_started_ahead(cfg: RunConfig) -> Iterator[None]:
-    """Around a `pipeline` call: join Ray and start the shard actors before the flow starts.
-
-    The actors then load their models while Prefect starts its server and the flow plans, instead of after;
-    the shard stage claims them (workers/pool.py). Ray stays up for the whole flow (the index stage uses it
-    too) and, when this call started it, is shut down after. Nothing starts when no shard has work left.
-    """
-    todo = stages_todo(cfg.output, list_shards(cfg.input), cfg.augment.enabled)
-    started = connect(cfg.ray) if todo else False
-    try:
-        if todo:
-            plan = start_shard_workers_ahead(cfg, len(todo))
-            log.info("Ray: starting %s while the flow starts", plan.describe())
-        yield
-    finally:
-        release_ahead()
-        if started:
-            ray.shutdown()
 
 
 @flow(name="shardlight-pipeline", log_prints=True)

@@ -90,11 +90,13 @@ def test_lease_of_a_dead_process_is_taken_over_a_live_ones_is_not(tmp_path):
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         _write_record(tmp_path, pid=alive.pid, expires=time.time() + 600)
+        assert OutputLease(str(tmp_path)).held_by_another()  # what `shardlight run` checks before starting actors
         assert not _taken_over(tmp_path)
     finally:
         alive.kill()
         alive.wait()
     _write_record(tmp_path, pid=alive.pid, expires=time.time() + 600)  # same record, its process now gone
+    assert not OutputLease(str(tmp_path)).held_by_another()
     assert _taken_over(tmp_path)
     assert not (tmp_path / LEASE).exists()
 
@@ -104,5 +106,6 @@ def test_expired_lease_is_taken_over_an_unexpired_one_is_not(tmp_path):
     _write_record(tmp_path, host="elsewhere", pid=os.getpid(), expires=time.time() + 600)
     assert not _taken_over(tmp_path)
     _write_record(tmp_path, host="elsewhere", pid=os.getpid(), expires=time.time() - 1)
+    assert not OutputLease(str(tmp_path)).held_by_another()
     assert _taken_over(tmp_path)
     assert not (tmp_path / LEASE).exists()
