@@ -227,6 +227,8 @@ def train_demo_models(
     threads: int = typer.Option(2, min=1, help="torch CPU threads."),
     dit_device: str = typer.Option("auto", help="DiT training device: auto (a CUDA GPU when present, with "
                                                  "its larger recipe), cpu or cuda."),
+    checkpoint_every: int = typer.Option(250, min=1, help="DiT steps between saves of the training state "
+                                         "(OUT_DIR/NAME.train-state.pt); run again to resume a stopped run."),
 ) -> None:
     """Regenerate the demo data and train the demo models (ViT, CLIP and autoencoder on CPU, the DiTs on CPU or
     GPU), with held-out metrics in model cards."""
@@ -238,9 +240,11 @@ def train_demo_models(
     if ae:
         results["autoencoder"] = train_demo_autoencoder(out_dir, quick=quick)
     if dit:
-        results["dit"] = train_demo_dit(out_dir, quick=quick, device=dit_device)
+        results["dit"] = train_demo_dit(out_dir, quick=quick, device=dit_device,
+                                         checkpoint_every=checkpoint_every)
     if latent_dit:
-        results["latent-dit"] = train_demo_dit(out_dir, quick=quick, device=dit_device, latent=True)
+        results["latent-dit"] = train_demo_dit(out_dir, quick=quick, device=dit_device, latent=True,
+                                                checkpoint_every=checkpoint_every)
     for name, metrics in results.items():
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
         console.print(f"[bold]{name}[/]: {shown}")

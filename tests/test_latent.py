@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from shardlight.core.config import load_config
-from shardlight.core.errors import ModelLoadError
+from shardlight.core.errors import InputError, ModelLoadError
 from shardlight.models import autoencoder as autoencoder_module
 from shardlight.models.autoencoder import Autoencoder, AutoencoderConfig, load_autoencoder, weights_digest
 from shardlight.models.dit import build_dit
@@ -24,7 +24,8 @@ from shardlight.models.sampler import AutoencoderCodec, DiTGenerator
 from shardlight.models.weights import MODEL_DIR, read_weights_metadata
 from shardlight.training.synthetic import CLASS_NAMES
 from shardlight.training.train_autoencoder import AeRecipe, quick_recipe, save_autoencoder, train_autoencoder
-from shardlight.training.train_dit import LATENT_RECIPE, save_dit
+from shardlight.training.train_dit import LATENT_RECIPE, save_dit, train_dit
+from shardlight.training.train_dit import quick_recipe as quick_dit_recipe
 
 TINY_AE = AutoencoderConfig(image_size=16, latent_channels=4, widths=(8,), stem_width=8)  # 16x16x3 <-> 8x8x4
 
@@ -93,6 +94,38 @@ def test_training_is_deterministic_and_reduces_the_loss():
     (a, log_a), (b, _) = train_autoencoder(recipe), train_autoencoder(recipe)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert log_a[-1]["l1"] < log_a[0]["l1"]
+
+
+# Training the latent DiT ---------------------------------------------------------------------------
+
+class Killed(Exception):
+    """Stands in for a run stopped (a session's end, a crash) right after a checkpoint."""
+
+
+def test_training_resumes_from_its_checkpoint_exactly_as_if_never_stopped(tmp_path):
+    """A CPU run of hours must survive being stopped: the resumed run's weights and loss log are bit for bit those
+    of the uninterrupted run, and a checkpoint of another recipe is refused."""
+    ae_path, _ = write_latent_pair(tmp_path)
+    recipe = replace(quick_dit_recipe(LATENT_RECIPE), model="DiT-Tiny/2", model_size=8, autoencoder=str(ae_path),
+                     steps=6, warmup_steps=2)
+    data = (torch.randn(40, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(40) % len(CLASS_NAMES))
+    whole, whole_log = train_dit(recipe, log_every=3, data=data)
+    state, seen = tmp_path / "state.pt", []
+
+    def stop_at_4(step, ema, log):
+        seen.append((step, len(log)))
+        if step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_dit(recipe, log_every=3, data=data, checkpoint=state, checkpoint_every=2, on_checkpoint=stop_at_4)
+    assert seen == [(2, 0), (4, 1)] and state.is_file()
+    resumed, log = train_dit(recipe, log_every=3, data=data, checkpoint=state, checkpoint_every=2)
+    assert all(torch.equal(whole.state_dict()[k], resumed.state_dict()[k]) for k in whole.state_dict())
+    assert [(e["step"], e["loss"]) for e in log] == [(e["step"], e["loss"]) for e in whole_log]
+    with pytest.raises(InputError, match="another recipe") as err:
+        train_dit(replace(recipe, lr=1e-3), data=data, checkpoint=state)
+    assert "\n" not in str(err.value)
 
 
 # The latent codec in the sampler -------------------------------------------------------------------
