@@ -39,6 +39,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.index_bench import Clustered, write_embeddings  # noqa: E402
+from index.build import new_index  # noqa: E402
 from index.choose import HNSW_QUANTIZER_LISTS, MIN_POINTS_PER_LIST, choose_index  # noqa: E402
 from index.rerank import split_factory  # noqa: E402
 from index.vectors import embedding_files, iter_vectors  # noqa: E402
@@ -68,7 +69,7 @@ def rates(dim: int, n_add: int, lists: int = LISTS, hnsw_lists: int = HNSW_QUANT
     hnsw.add(data.draw(hnsw_lists, seed=2))
     out["assign_hnsw_s_per_vector"] = timed(lambda: hnsw.search(x, 1)) / n_add
     for name, codec in (("fast_scan", f"PQ{dim // 8}x4fs"), ("pq8", f"PQ{dim // 8}")):
-        index = faiss.index_factory(dim, f"IVF{lists},{codec}", faiss.METRIC_INNER_PRODUCT)
+        index = new_index(dim, f"IVF{lists},{codec}")  # as the build makes it (no polysemous training)
         index.quantizer.add(quantizer.reconstruct_n(0, lists))  # the same trained lists: time the codec only
         out[f"train_{name}_s"] = timed(lambda: index.train(x[:PQ_TRAIN]))  # codebooks: a fixed-size sample
         add = timed(lambda: index.add(x)) / n_add

@@ -68,9 +68,16 @@ def gpu_count() -> int:
 def new_index(dim: int, factory: str) -> faiss.Index:
     """An empty index for `factory`; for `…,Refine(SQfp16)` its base (the float16 rows live in a file)."""
     try:
-        return faiss.index_factory(dim, split_factory(factory)[0], faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, split_factory(factory)[0], faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise IndexStateError(f"bad FAISS factory string {factory!r}: {last_line(err)}") from None
+    ivf = _ivf(index)
+    if ivf is not None and hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
+        # The factory turns on polysemous training for `…,PQm`: an annealing of each sub-quantizer's 256 codes that
+        # only serves searches with a Hamming threshold (`polysemous_ht`), which shardlight never sets; at PQ64 it
+        # is most of the training time (docs/scale.md). The codes it would produce search the same without it.
+        faiss.downcast_index(ivf).do_polysemous_training = False
+    return index
 
 
 def _ivf(index: faiss.Index):

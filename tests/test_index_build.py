@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from index_helpers import clustered, write_shard
 
-from index.build import build_index, gpu_count, is_current, load_index, read_meta
+from index.build import build_index, gpu_count, is_current, load_index, new_index, read_meta
 from index.choose import FLAT_MAX_CELLS, choose_index, num_lists
 from index.dedup import components, dedup
 from index.search import Searcher
@@ -80,6 +80,14 @@ def test_num_lists_is_a_power_of_two_near_4_sqrt_n_with_enough_points():
     assert num_lists(100_000) == 1024
     assert num_lists(1_000) * 39 <= 1_000
     assert FLAT_MAX_CELLS // 512 < 100_000  # 100k × 512-d is served by an approximate index
+
+
+def test_pq_indexes_skip_polysemous_training_which_no_search_here_uses():
+    for factory in ("IVF16,PQ8", "IVF16_HNSW32,PQ8,Refine(SQfp16)", "OPQ8,IVF16,PQ8"):
+        index = new_index(32, factory)  # kept: the IVF part below points into it
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        assert ivf.do_polysemous_training is False, factory
+        assert ivf.polysemous_ht == 0, factory
 
 
 # --- tuning ---------------------------------------------------------------------------------------------
