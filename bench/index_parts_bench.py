@@ -68,8 +68,10 @@ def run(code: str, *args: str) -> dict:
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
     done = subprocess.run([sys.executable, "-c", code, *args], cwd=root, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"failed: {done.stderr.strip().splitlines()[-1:]}")
+    if done.returncode:  # the error's own lines, without a crash dump's list of extension modules
+        lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("Extension modules:")]
+        tail = "\n".join(lines[-25:])
+        raise SystemExit(f"failed (exit {done.returncode}):\n{tail}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -89,8 +91,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=1, help="2: the counts again in reverse order")
     parser.add_argument("--part-rows", type=int, default=500_000)
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--workdir", default=None, help="a folder with room for the Parquet and the indexes "
+                        "(made if missing; the system's temporary folder by default)")
     args = parser.parse_args()
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="index-parts-", dir=args.workdir))
     try:
         data = Clustered(args.dim, max(1, args.size // 1000))

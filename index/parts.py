@@ -17,12 +17,12 @@ The steps are plain functions over picklable data, so any process can run one:
 3. `finish` (the driver): merge the parts — into one `lists.<build>.<hex>.ivfdata` of on-disk inverted lists
    (FAISS `OnDiskInvertedLists.merge_from_multiple`, as `faiss.contrib.ondisk.merge_ondisk` does; the parts are
    read memory-mapped, so merging needs no more RAM than one list) or, for 4-bit fast-scan lists, whose block
-   layout FAISS cannot merge on disk, in RAM with `merge_from` (the codes are d/16 bytes a vector) — then tune
-   and publish atomically (index/store.py: files first, `meta.json` last), keeping the trained empty index.
+   layout FAISS cannot merge on disk, in RAM with `merge_block_lists` (the codes are d/16 bytes a vector; not
+   FAISS's `merge_from`, which overruns its buffers, see there) — then tune and publish atomically
+   (index/store.py: files first, `meta.json` last), keeping the trained empty index.
 
 Updates of an index built in parts add parts too, merged after the index's own lists into a fresh copy of the
-trained index (index/update.py). Never `add` to a fast-scan index made by `merge_from`: FAISS 1.15 then answers
-differently from an index built by adding (measured here; merging a merged index is exact).
+trained index (index/update.py).
 
 Invariants: the same ids, lists and answers as `build_index` over the same files with the same trained
 quantizer (tested); the previous index serves until `meta.json` names the new files; a killed build leaves only
@@ -37,7 +37,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,11 +187,9 @@ def merge(job: PartsJob, into: faiss.Index, numbers: list[int], folder: str, bui
     """
     ivf = faiss.extract_index_ivf(into)
     earlier = [before] if before is not None else []
-    if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):  # block-packed lists: FAISS merges them in RAM only
-        for source in earlier:
-            into.merge_from(source, 0)
-        for n in numbers:  # one part in memory at a time
-            into.merge_from(faiss.read_index(job.part_path(n)), 0)
+    if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):  # block-packed lists: merged in RAM only
+        parts = (faiss.read_index(job.part_path(n)) for n in numbers)  # one part in memory at a time
+        merge_block_lists(into, [*earlier, *parts])
         return into, None
     name = f"lists.{build}.{uuid.uuid4().hex[:8]}{LISTS_SUFFIX}"
     sources = earlier + [faiss.read_index(job.part_path(n), faiss.IO_FLAG_MMAP) for n in numbers]  # lists stay on disk
@@ -204,6 +202,62 @@ def merge(job: PartsJob, into: faiss.Index, numbers: list[int], folder: str, bui
     lists.this.disown()  # the index owns the lists now
     into.ntotal = ivf.ntotal = total
     return into, name
+
+
+def merge_block_lists(into: faiss.Index, sources: Iterable[faiss.Index]) -> None:
+    """Append every list of each fast-scan index in `sources` (in order) to the same list of `into`, which must
+    be empty; `into.ntotal` becomes their sum. `sources` may be a generator: one source is read at a time, and
+    the codes gathered so far (the merged index's size again) are held until the lists are packed.
+
+    Not FAISS's `merge_from`: in FAISS 1.15 `BlockInvertedLists::add_entries` tests a list's entry count
+    against the block's size in bytes and then copies whole blocks past the end of the list's buffer, so a merge
+    corrupts the heap as soon as a list already holds a positive multiple of `block_size` entries (1,024 at
+    PQ64x4fs: 5M vectors in 2,048 lists crashed; smaller builds passed by luck). Here each list's codes are
+    unpacked from every source, concatenated, packed again into whole blocks and added once to the empty list,
+    the one case that function copies correctly.
+    """
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(into))
+    if ivf.ntotal:
+        raise IndexStateError("merging fast-scan lists needs an empty index to merge into")
+    packer = ivf.get_CodePacker()
+    per_block, block_bytes = packer.nvec, packer.block_size
+    gathered: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    total = 0
+    for source in sources:
+        total += source.ntotal
+        lists = faiss.extract_index_ivf(source).invlists
+        for number in range(ivf.nlist):
+            size = lists.list_size(number)
+            if size:
+                ids = faiss.rev_swig_ptr(lists.get_ids(number), size).copy()
+                packed = faiss.rev_swig_ptr(lists.get_codes(number), -(-size // per_block) * block_bytes)
+                gathered.setdefault(number, []).append((ids, _unpack(packer, packed, size)))
+    dest = faiss.downcast_InvertedLists(ivf.invlists)
+    for number in sorted(gathered):
+        ids = np.concatenate([i for i, _ in gathered[number]])
+        packed = _pack(packer, np.concatenate([c for _, c in gathered.pop(number)]))
+        dest.add_entries(number, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(packed))
+    into.ntotal = ivf.ntotal = total
+
+
+def _unpack(packer, packed: np.ndarray, size: int) -> np.ndarray:
+    """`size` flat codes (rows of `packer.code_size` bytes) out of whole blocks."""
+    blocks = -(-size // packer.nvec)
+    flat = np.empty((blocks * packer.nvec, packer.code_size), np.uint8)
+    for b in range(blocks):
+        packer.unpack_all(faiss.swig_ptr(packed[b * packer.block_size:]), faiss.swig_ptr(flat[b * packer.nvec:]))
+    return flat[:size]
+
+
+def _pack(packer, flat: np.ndarray) -> np.ndarray:
+    """Flat codes packed into whole blocks (the last one padded with zero codes)."""
+    blocks = -(-len(flat) // packer.nvec)
+    padded = np.zeros((blocks * packer.nvec, packer.code_size), np.uint8)
+    padded[: len(flat)] = flat
+    packed = np.empty(blocks * packer.block_size, np.uint8)
+    for b in range(blocks):
+        packer.pack_all(faiss.swig_ptr(padded[b * packer.nvec:]), faiss.swig_ptr(packed[b * packer.block_size:]))
+    return packed
 
 
 def finish(out: str, spec: BuildSpec, job: PartsJob, t: Trained, results: list[dict], add_s: float) -> dict:

@@ -13,10 +13,11 @@ from index_helpers import clustered, write_shard
 
 from index import build as build_module
 from index.build import BuildSpec, build_index, load_index, read_meta
-from index.parts import add_part, build_in_parts
+from index.parts import add_part, build_in_parts, merge_block_lists
 from index.rerank import Float16Writer, attach, create, detach, open_vectors, write_rows
 from index.search import Searcher
 from index.update import update_index
+from shardlight.core.errors import IndexStateError
 
 DIM = 32
 RERANKED = "IVF16,PQ8x4fs,Refine(SQfp16)"
@@ -178,6 +179,33 @@ def test_incremental_add_through_parts_matches_adding_in_one_process(tmp_path, f
     queries = clustered(30, DIM, seed=9)
     assert np.array_equal(_answers(one, queries), _answers(parted, queries))
     assert load_index(str(one))[1].equals(load_index(str(parted))[1])
+
+
+@pytest.mark.parametrize("lists", [1, 4])
+def test_fast_scan_lists_merge_exactly_across_block_boundaries(lists):
+    # FAISS 1.15's own merge_from overruns a list that already holds a positive multiple of block_size entries
+    # (here 128: 32 codes of 4 bytes a block); these part sizes put lists on and across that boundary.
+    x = clustered(2000, DIM, seed=3)
+    trained = faiss.index_factory(DIM, f"IVF{lists},PQ8x4fs", faiss.METRIC_INNER_PRODUCT)
+    trained.train(x)
+    sizes, parts, first = [128 * lists, 100, 256 * lists, 0, 37, 1], [], 0
+    for size in sizes:
+        part = faiss.clone_index(trained)
+        part.add_with_ids(x[first: first + size], np.arange(first, first + size))
+        parts.append(part)
+        first += size
+    whole = faiss.clone_index(trained)
+    whole.add_with_ids(x[:first], np.arange(first))
+    merged = faiss.clone_index(trained)
+    merge_block_lists(merged, iter(parts))
+    assert merged.ntotal == first
+    for index in (merged, whole):
+        faiss.extract_index_ivf(index).nprobe = lists
+    queries = clustered(20, DIM, seed=4)
+    got, want = merged.search(queries, 50), whole.search(queries, 50)
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    with pytest.raises(IndexStateError, match="empty index"):
+        merge_block_lists(merged, iter(parts))
 
 
 def test_memory_mapped_open_leaves_the_lists_on_disk_and_answers_the_same(tmp_path):
