@@ -4,14 +4,17 @@
 
 For the clustered synthetic vectors of bench/index_bench.py (written once as Parquet under --workdir):
 - each worker count builds `auto` in parts (`flows/index_build.py:build_on_ray`, a local Ray with that many
-  CPUs, one part task per CPU) in a fresh driver process of its own, which reports its wall time and its own
-  peak RSS (the driver's: Ray's workers are other processes). The counts run in the order given, then again
-  reversed when `--rounds 2`, and the speed-up is a ratio of medians;
+  CPUs, one part task per CPU; the driver's own FAISS threads bounded by the same count) in a fresh driver
+  process of its own, which reports its wall time and its own peak RSS (the driver's: Ray's workers are other
+  processes), in all (ru_maxrss) and by kind, sampled every 0.2 s: anonymous (its heap) and file-backed (pages of
+  the memory-mapped float16 file: once the file is in the page cache, the kernel maps cached pages around each
+  fault, so tuning's scattered reads can show the whole file resident without using memory of its own). The
+  counts run in the order given, then again reversed when `--rounds 2`, and the speed-up is a ratio of medians;
 - the indexes of all counts must answer the same 1,000 fresh queries identically (at the same nprobe and re-rank
   depth: the tuned ones depend on measured speed);
-- a fresh process opens the first index as `shardlight serve` does (`Searcher`: memory-mapped), runs the 1,000
-  queries and reports its resident memory (heap and mapped file pages, /proc/self/status) against the size of
-  the index's files.
+- a fresh process drops the first index's files from the page cache (a server started on files the cache does
+  not hold), opens it as `shardlight serve` does (`Searcher`: memory-mapped), runs the 1,000 queries and reports
+  its resident memory (heap and mapped file pages, /proc/self/status) against the size of the index's files.
 The load average is printed before and after. Needs free disk for the Parquet (4·d bytes a vector) and each
 index (about 2·d + 40 bytes a vector).
 """
@@ -33,32 +36,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.index_bench import Clustered, write_embeddings  # noqa: E402
 
-BUILD = """
+MEMORY = """
+import os, threading, time
+def status():
+    return {k: int(v.split()[0]) / 1024 for k, v in (l.split(":", 1) for l in open("/proc/self/status"))
+            if k in ("RssAnon", "RssFile", "RssShmem")}
+peaks = {"RssAnon": 0.0, "RssFile": 0.0, "RssShmem": 0.0, "total": 0.0}
+def sample():
+    while True:
+        now = status()
+        for k, v in [*now.items(), ("total", sum(now.values()))]:
+            peaks[k] = max(peaks[k], v)
+        time.sleep(0.2)
+threading.Thread(target=sample, daemon=True).start()
+def evict(folder):
+    # a server started on files the page cache does not hold (else the kernel maps cached pages around each fault)
+    for name in os.listdir(folder):
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+"""
+
+BUILD = MEMORY + """
 import json, resource, sys, time
 from flows.index_build import build_on_ray
 from index.build import BuildSpec
 from shardlight.core.config import RaySpec
 start = time.perf_counter()
 meta = build_on_ray(sys.argv[1], BuildSpec("auto"), RaySpec(num_cpus=int(sys.argv[2])), int(sys.argv[3]))
-print(json.dumps({"seconds": time.perf_counter() - start, "driver_peak_rss_mib": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss / 1024, "factory": meta["factory"], "parts": meta["parts"],
-    "timings": meta["timings"], "tuning": meta["tuning"]["params"], "files": meta["files"]}))
+seconds = time.perf_counter() - start
+time.sleep(0.3)
+print(json.dumps({"seconds": seconds, "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "driver_peaks_mib": peaks, "factory": meta["factory"], "parts": meta["parts"],
+                  "timings": meta["timings"], "tuning": meta["tuning"]["params"], "files": meta["files"]}))
 """
 
-SERVE = """
+SERVE = MEMORY + """
 import json, sys
 from pathlib import Path
 import numpy as np
 from index.search import Searcher
-def status():
-    return {k: int(v.split()[0]) / 1024 for k, v in (l.split(":", 1) for l in open("/proc/self/status"))
-            if k in ("RssAnon", "RssFile")}
+folder = Path(sys.argv[1]) / "index"
+evict(folder)
 queries = np.load(sys.argv[2])
 opened = status()
 s = Searcher(sys.argv[1])
 loaded = status()
 s.index.search(queries, 10)
-folder = Path(sys.argv[1]) / "index"
 files = sum(p.stat().st_size for p in folder.iterdir() if p.name != "meta.json") / 2**20
 print(json.dumps({"before_mib": opened, "loaded_mib": loaded, "after_queries_mib": status(), "files_mib": files}))
 """
@@ -120,6 +144,8 @@ def main() -> None:
         print(json.dumps({"identical_answers": same, "median_seconds": seconds,
                           "speedup": {w: round(seconds[args.workers[0]] / s, 2) for w, s in seconds.items()},
                           "driver_peak_rss_mib": {w: max(b["driver_peak_rss_mib"] for b in bs) for w, bs in builds.items()},
+                          "driver_peak_anon_mib": {w: max(b["driver_peaks_mib"]["RssAnon"] for b in bs)
+                                                   for w, bs in builds.items()},
                           "served": served, "load_after": os.getloadavg()}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -15,8 +15,10 @@ a part redone writes the same bytes, so the index is the same. Progress is logge
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -91,23 +93,36 @@ def _cancel(refs: list, wait_s: float = 30.0) -> None:
         ray.wait(refs, num_returns=len(refs), timeout=wait_s)
 
 
+@contextmanager
+def _on_ray(ray_spec: RaySpec) -> Iterator[None]:
+    """Ray up for the build (a local one started, and shut down after, when none is configured or running).
+
+    On a local Ray given `ray.num_cpus`, the driver's own FAISS work (training, merging, tuning) uses that many
+    threads too: the setting bounds the whole build on this machine, not only its part tasks. A driver that
+    joins a cluster keeps FAISS's default (its machine is not the cluster's CPUs).
+    """
+    started = connect(ray_spec)
+    local = (ray_spec.address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+    threads = faiss.omp_get_max_threads()
+    if local and ray_spec.num_cpus:
+        faiss.omp_set_num_threads(max(1, min(ray_spec.num_cpus, threads)))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+        if started:
+            ray.shutdown()
+
+
 def build_on_ray(out: str, spec: BuildSpec, ray_spec: RaySpec = RaySpec(), part_rows: int = PART_ROWS,
                  runner: RayRunner | None = None) -> dict:
     """Build OUT's index in parts on Ray (starting a local Ray when none is configured or running)."""
-    started = connect(ray_spec)
-    try:
+    with _on_ray(ray_spec):
         return build_in_parts(out, spec, part_rows, runner or RayRunner())
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def update_on_ray(out: str, ray_spec: RaySpec = RaySpec(), part_rows: int = PART_ROWS,
                   runner: RayRunner | None = None, **update_kwargs) -> dict:
     """`update_index` with its parts (and any rebuild) on Ray."""
-    started = connect(ray_spec)
-    try:
+    with _on_ray(ray_spec):
         return update_index(out, runner=runner or RayRunner(), part_rows=part_rows, **update_kwargs)
-    finally:
-        if started:
-            ray.shutdown()

@@ -133,3 +133,26 @@ def test_update_on_ray_adds_parts_like_an_update_in_one_process(tmp_path, local_
     meta = update_on_ray(str(there), part_rows=500)
     assert meta["update"] == {"mode": "added", "added": 1000, "shards": 2} and meta["count"] == 4200
     _same_index(here, there)
+
+
+def test_a_local_ray_given_num_cpus_bounds_the_drivers_faiss_threads_too(tmp_path, local_ray):
+    import faiss
+
+    from flows.index_build import RayRunner, build_on_ray
+    from shardlight.core.config import RaySpec
+
+    default = faiss.omp_get_max_threads()
+    if default < 2:
+        pytest.skip("needs a machine with 2 or more cores")
+    seen = []
+
+    class Recording(RayRunner):
+        def __call__(self, job, numbers):
+            seen.append(faiss.omp_get_max_threads())  # the driver, between training and merging
+            return super().__call__(job, numbers)
+
+    _data(tmp_path)
+    build_on_ray(str(tmp_path), SPEC, RaySpec(num_cpus=1), part_rows=800, runner=Recording())
+    assert seen == [1] and faiss.omp_get_max_threads() == default  # restored after the build
+    build_on_ray(str(tmp_path), SPEC, RaySpec(), part_rows=800, runner=Recording())  # no num_cpus: FAISS's default
+    assert seen == [1, default]
