@@ -1,7 +1,7 @@
 """Embedding throughput, as ratios against a baseline measured in the same run.
 
     python bench/embed_throughput.py [--config configs/demo.yaml] [--shards 4] [--samples-per-shard 256]
-    python bench/embed_throughput.py --model ViT-B-32 [--samples 1024] [--batch-size 64]
+    python bench/embed_throughput.py --model ViT-B-32 [--samples 1024] [--batch-size 64] [--rounds 2]
 
 With a config (default: the demo's models), prints images/s for:
   forward     CLIP image+text forward and the labeler on pre-decoded, pre-transformed tensors
@@ -111,8 +111,9 @@ def decode_rate(shards: list[Path], preprocess, workers: int) -> float:
     return sum(n for n, _, _ in done) / (max(end for _, _, end in done) - min(start for _, start, _ in done))
 
 
-def forward_rates(embedder: ShardEmbedder, shards: list[Path]) -> tuple[float, float, list[int]]:
-    """images/s of the image tower and captions/s of the text tower alone, and each caption's token count."""
+def forward_batches(embedder: ShardEmbedder, shards: list[Path]) -> tuple[list, list[int]]:
+    """The shards' images as transformed tensors in batches of the run's size with their captions, decoded
+    once before any clock starts, and each caption's token count."""
     pixels, captions = [], []
     for shard in shards:
         for raw in ShardReader(str(shard)):
@@ -121,6 +122,12 @@ def forward_rates(embedder: ShardEmbedder, shards: list[Path]) -> tuple[float, f
                 captions.append(raw.caption)
     bs = embedder.batch_size
     batches = [(torch.stack(pixels[i: i + bs]), captions[i: i + bs]) for i in range(0, len(pixels), bs)]
+    tokens = [int((row != 0).sum()) for row in embedder.clip.tokenizer(captions)]
+    return batches, tokens
+
+
+def forward_rates(embedder: ShardEmbedder, batches: list) -> tuple[float, float]:
+    """images/s of the image tower and captions/s of the text tower alone (ClipEmbedder's own calls)."""
     embedder.clip.embed_images(batches[0][0])  # warm-up: first-call allocations
     embedder.clip.embed_texts(batches[0][1])
     start = time.perf_counter()
@@ -131,13 +138,18 @@ def forward_rates(embedder: ShardEmbedder, shards: list[Path]) -> tuple[float, f
     for _, texts in batches:
         embedder.clip.embed_texts(texts)
     text_s = time.perf_counter() - start
-    tokens = [int((row != 0).sum()) for row in embedder.clip.tokenizer(captions)]
-    return len(pixels) / image_s, len(captions) / text_s, tokens
+    n = sum(len(texts) for _, texts in batches)
+    return n / image_s, n / text_s
 
 
 def model_stages(args) -> None:
-    """Each stage of a `--model` run alone, then the whole `shardlight run`, as ratios of the slowest stage."""
+    """Each stage of a `--model` run alone, then the whole `shardlight run`, as ratios of the slowest stage.
+
+    With `--rounds N` the forward and the run alternate (forward then run, then run then forward, …) and every
+    figure is the median over the rounds, the run's ratio to the forward taken within each round: this VM's
+    speed drifts between minutes, and interleaving makes the drift hit both sides alike."""
     n = args.samples or args.shards * args.samples_per_shard
+    image, text, stage, wall = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="shardlight-bench-") as tmp:
         tmp = Path(tmp)
         shards = write_photo_shards(tmp / "data", n, args.shards)
@@ -149,22 +161,41 @@ def model_stages(args) -> None:
         decode_one = decode_rate(shards, embedder.clip.preprocess, 1)
         decode_all = decode_rate(shards, embedder.clip.preprocess, workers)
         threads = torch.get_num_threads()
-        image, text, tokens = forward_rates(embedder, shards)
+        batches, tokens = forward_batches(embedder, shards)
         describe = ", ".join(f"{k} {v}" for k, v in embedder.describe().items() if k != "dim")
-        del embedder
         env = bench_env(tmp)
         prime_prefect(env)
-        wall, summary = run_shardlight(config, tmp / "data", tmp / "run-out", env)
-    both = 1 / (1 / image + 1 / text)
-    stages = {f"read+decode, {workers} workers": decode_all, "image+text forward": both}
+        for r in range(args.rounds):
+            for step in ("forward", "run") if r % 2 == 0 else ("run", "forward"):
+                if step == "forward":
+                    i, t = forward_rates(embedder, batches)
+                    image.append(i)
+                    text.append(t)
+                    print(f"round {r + 1}: image {i:.1f}/s, text {t:.1f}/s, image+text {1 / (1 / i + 1 / t):.1f}/s",
+                          flush=True)
+                else:
+                    seconds, summary = run_shardlight(config, tmp / "data", tmp / f"run-out-{r}", env)
+                    stage.append(summary["images_per_s"])
+                    wall.append(summary["rows"] / seconds)
+                    print(f"round {r + 1}: shardlight run {wall[-1]:.1f}/s wall clock, {stage[-1]:.1f}/s in its "
+                          "embedding stage", flush=True)
+        del embedder, batches
+    both = [1 / (1 / i + 1 / t) for i, t in zip(image, text)]
+    med = statistics.median
+    stages = {f"read+decode, {workers} workers": decode_all, "image+text forward": med(both)}
     slowest = min(stages, key=stages.get)
     print(f"\n{machine()}; {args.model} random weights ({describe}, {threads} torch threads); {n} images of "
-          f"256 px in {args.shards} shards; caption tokens median {statistics.median(tokens):.0f}, max {max(tokens)}")
+          f"256 px in {args.shards} shards; caption tokens median {statistics.median(tokens):.0f}, max {max(tokens)}"
+          f"; rounds: {args.rounds}, forward and run alternating (medians)")
     print_ratios([("read+decode, 1 worker", decode_one), (f"read+decode, {workers} workers", decode_all),
-                  ("image forward", image), ("text forward", text), ("image+text forward", both),
-                  ("shardlight run, embedding stage", summary["images_per_s"]),
-                  ("shardlight run, wall clock", summary["rows"] / wall)], "÷ slowest", base=stages[slowest])
+                  ("image forward", med(image)), ("text forward", med(text)), ("image+text forward", med(both)),
+                  ("shardlight run, embedding stage", med(stage)),
+                  ("shardlight run, wall clock", med(wall))], "÷ slowest", base=stages[slowest])
     print(f"slowest stage alone: {slowest}; the run's worker: {worker_line(summary)}")
+    if slowest == "image+text forward" and args.rounds > 1:
+        per_round = [s / b for s, b in zip(stage, both)]
+        print("embedding stage ÷ image+text forward within each round: median "
+              f"{med(per_round):.3f} (per round {', '.join(f'{x:.3f}' for x in per_round)})")
 
 
 def main() -> None:
@@ -176,6 +207,8 @@ def main() -> None:
     parser.add_argument("--model", help="an open_clip architecture (e.g. ViT-B-32) with random weights: stages alone vs the run")
     parser.add_argument("--samples", type=int, help="--model: images in all (default shards × samples-per-shard)")
     parser.add_argument("--batch-size", type=int, default=64, help="--model: the run's and the forward's batch")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="--model: alternate the bare forward and the run this many times (medians)")
     args = parser.parse_args()
     if args.model:
         model_stages(args)

@@ -68,7 +68,8 @@ def index_update(
     parts: bool = typer.Option(False, "--parts", help="Add the new files as parts on Ray (an index built in parts "
                                "is always updated in parts; without this flag, in this process)."),
     part_rows: int = typer.Option(1_000_000, min=1, help="Rows per part."),
-    cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray with --parts (default: all)."),
+    cpus: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray with --parts, the driver's "
+                                       "FAISS threads included (default: all)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster for --parts (auto, ray://host:10001)."),
 ) -> None:
     """Add new shards' embeddings to the index without retraining it (rebuilds when shards changed)."""
