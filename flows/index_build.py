@@ -47,6 +47,11 @@ def _add_part_task(job: PartsJob, number: int, threads: int, add: Callable[[Part
         return {"number": number, "error": err}
 
 
+@ray.remote
+def _call_task(fn: Callable, *args):
+    return fn(*args)
+
+
 @dataclass
 class RayRunner:
     """Runs `add_part` for every part as a Ray task (`cpus` each), at most as many at once as the cluster has
@@ -73,6 +78,23 @@ class RayRunner:
             _cancel(list(pending))  # nothing may still write into the work folder the driver removes
             raise
         return results
+
+    @property
+    def width(self) -> int:
+        """Tasks of `cpus` each that the cluster runs at once."""
+        return max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus))
+
+    def map_groups(self, fn: Callable, jobs: list[tuple]) -> list:
+        """`[fn(*job) for job in jobs]`, each a task of `cpus` (the index's sample pass: index/vectors.py)."""
+        task = _call_task.options(num_cpus=self.cpus, max_retries=self.retries, retry_exceptions=list(RETRIED))
+        refs = [task.remote(fn, *job) for job in jobs]
+        try:
+            return ray.get(refs)
+        except RayTaskError as err:
+            raise ClusterError(f"reading the index's sample failed after {self.retries} retries: "
+                               f"{last_line(err)[:300]}") from None
+        except RayError as err:
+            raise ClusterError(f"reading the index's sample was lost: {last_line(err)[:300]}") from None
 
     def _result(self, ref, number: int) -> dict:
         try:

@@ -39,6 +39,7 @@ from index.store import (  # noqa: F401  (INDEX_DIR, META, load_index: re-export
 )
 from index.tune import ExactTopK, tune
 from index.vectors import (  # noqa: F401  (embedding_files, fingerprint: re-exported for flows/)
+    Mapper,
     dimension,
     embedding_files,
     file_name,
@@ -218,9 +219,11 @@ def build_index(out: str, factory: str = "Flat", train_sample: int = 100_000, np
         return publish(out, spec, t, index, ids, exact.ids, time.perf_counter() - added, vectors)
 
 
-def train_new(out: str, spec: BuildSpec, on_disk: bool = False) -> Trained:
+def train_new(out: str, spec: BuildSpec, on_disk: bool = False, map_groups: Mapper | None = None,
+              groups: int = 1) -> Trained:
     """Choose the index for OUT's files, draw the training sample (spread evenly over all rows) and the held-out
-    tuning queries in one pass, and train. `on_disk`: its lists will be merged on disk (index/parts.py)."""
+    tuning queries in one pass, and train. `on_disk`: its lists will be merged on disk (index/parts.py).
+    `map_groups`, `groups`: the sample pass read in that many groups of files elsewhere (`vectors.sample`)."""
     files = index_files(out, spec.synthetic)
     if not embedding_files(out):
         raise IndexStateError(f"no embeddings under {join(out, 'embeddings')}: run `shardlight run` first")
@@ -232,7 +235,8 @@ def train_new(out: str, spec: BuildSpec, on_disk: bool = False) -> Trained:
     wanted = spec.train_sample
     if ivf is not None and spec.factory == "auto":
         wanted = max(spec.train_sample, min(total, ivf.nlist * 39))
-    train_x, queries, query_ids = sample(files, 0 if index.is_trained else wanted, spec.tune_queries, spec.seed)
+    train_x, queries, query_ids = sample(files, 0 if index.is_trained else wanted, spec.tune_queries, spec.seed,
+                                         **({"map_groups": map_groups, "groups": groups} if map_groups else {}))
     train(index, train_x)
     return Trained(plan, index, files, dim, total, queries, query_ids, time.perf_counter() - start)
 

@@ -134,11 +134,15 @@ def cleaned_up(folder: str):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def prepare(out: str, spec: BuildSpec, part_rows: int = PART_ROWS) -> tuple[PartsJob | None, Trained]:
+def prepare(out: str, spec: BuildSpec, part_rows: int = PART_ROWS,
+            runner: Runner | None = None) -> tuple[PartsJob | None, Trained]:
     """Train once and lay out the parts (the driver's first step); no job for an index without inverted lists
-    (`Flat`, `HNSW`: auto's choice for small sets), which is built in one process."""
+    (`Flat`, `HNSW`: auto's choice for small sets), which is built in one process. A `runner` that offers
+    `map_groups` and `width` (flows/index_build.py: RayRunner) also reads the sample pass, `width` groups of
+    files at once."""
     _check_local(out)
-    t = train_new(out, spec, on_disk=True)
+    mapper = getattr(runner, "map_groups", None)
+    t = train_new(out, spec, on_disk=True, map_groups=mapper, groups=runner.width if mapper else 1)
     if not _has_lists(t.index):
         return None, t
     work = work_folder(out, fingerprint(t.files))
@@ -285,7 +289,7 @@ def collect(job: PartsJob, results: list[dict]) -> ExactTopK:
 
 def build_in_parts(out: str, spec: BuildSpec, part_rows: int = PART_ROWS, runner: Runner = sequential) -> dict:
     """Build OUT's index in parts: `runner` adds them (in this process by default; Ray tasks in flows/)."""
-    job, t = prepare(out, spec, part_rows)
+    job, t = prepare(out, spec, part_rows, runner)
     if job is None:
         log.info("%s has no inverted lists to build in parts: building it in one process", t.plan.factory)
         return build_index(out, **asdict(spec))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -53,30 +53,43 @@ def dimension(files: list[str]) -> int:
         return pq.ParquetFile(f).schema_arrow.field("image_embedding").type.list_size
 
 
-def iter_vectors(files: list[str], batch_rows: int = BATCH_ROWS) -> Iterator[tuple[np.ndarray, pa.Table]]:
-    """Yield (vectors, id columns shard/row/key/source) batches; memory stays bounded by `batch_rows`."""
+def iter_vectors(files: list[str], batch_rows: int = BATCH_ROWS,
+                 with_ids: bool = True) -> Iterator[tuple[np.ndarray, pa.Table | None]]:
+    """Yield (vectors, id columns shard/row/key/source) batches; memory stays bounded by `batch_rows`.
+    `with_ids=False` reads the vectors alone (None for the ids): a third faster, for passes that only sample."""
+    columns = ["key", "shard", "image_embedding"] if with_ids else ["image_embedding"]
     for url in files:
         with open_read(url) as f:
             pf = pq.ParquetFile(f)
             row = 0
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=["key", "shard", "image_embedding"]):
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 emb = batch.column("image_embedding")
                 vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size)
                 ids = pa.table({"shard": batch.column("shard"),
                                 "row": pa.array(np.arange(row, row + len(batch)), pa.int64()),
                                 "key": batch.column("key"),
-                                "source": pa.array([source_of(url)] * len(batch), pa.string())})
+                                "source": pa.array([source_of(url)] * len(batch), pa.string())}) if with_ids else None
                 row += len(batch)
                 yield np.ascontiguousarray(vectors, np.float32), ids
 
 
-def sample(files: list[str], train_size: int, query_size: int,
-           seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+Mapper = Callable[[Callable, list[tuple]], list]  # map(fn, [args, …]) -> [fn(*args), …] in order, anywhere
+
+
+def _in_order(fn: Callable, jobs: list[tuple]) -> list:
+    return [fn(*job) for job in jobs]
+
+
+def sample(files: list[str], train_size: int, query_size: int, seed: int = 0,
+           map_groups: Mapper = _in_order, groups: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One pass: a training sample spread evenly over the data, and random query rows (with their ids).
 
-    Query rows are drawn from outside the training sample, so tuning measures unseen vectors.
+    Query rows are drawn from outside the training sample, so tuning measures unseen vectors. The pass reads
+    every file once; `map_groups` may read `groups` contiguous groups of files elsewhere (Ray tasks: a build in
+    parts, flows/index_build.py), and the rows picked are the same whichever way it runs.
     """
-    total = sum(num_rows(u) for u in files)
+    sizes = [num_rows(u) for u in files]
+    total = sum(sizes)
     stride = max(1, total // max(1, train_size))
     train_ids = np.arange(0, total, stride)[:train_size]
     rng = np.random.default_rng(seed)
@@ -84,13 +97,40 @@ def sample(files: list[str], train_size: int, query_size: int,
     in_train = (candidates % stride == 0) & (candidates // stride < len(train_ids))
     unseen = candidates[~in_train]
     query_ids = np.sort((unseen if len(unseen) >= min(query_size, total // 2) else candidates)[:query_size])
-    train, queries, first = [], [], 0
-    for vectors, _ in iter_vectors(files):
-        last = first + len(vectors)
-        for wanted, into in ((train_ids, train), (query_ids, queries)):
-            picked = wanted[(wanted >= first) & (wanted < last)] - first
-            if len(picked):
-                into.append(vectors[picked])
-        first = last
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    jobs = []
+    for lo, hi in _file_groups(sizes, groups):
+        first, last = int(starts[lo]), int(starts[hi])
+        jobs.append((files[lo:hi], *(w[(w >= first) & (w < last)] - first for w in (train_ids, query_ids))))
+    picked = map_groups(pick_rows, jobs) if len(jobs) > 1 else _in_order(pick_rows, jobs)
     empty = np.zeros((0, dimension(files)), np.float32)
-    return np.concatenate([empty, *train]), np.concatenate([empty, *queries]), query_ids
+    return (np.concatenate([empty, *(t for t, _ in picked)]), np.concatenate([empty, *(q for _, q in picked)]),
+            query_ids)
+
+
+def pick_rows(files: list[str], train_rows: np.ndarray, query_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors at `train_rows` and `query_rows` (sorted, counted from the first row of `files`)."""
+    train, queries, at = [], [], 0
+    for vectors, _ in iter_vectors(files, with_ids=False):
+        end = at + len(vectors)
+        for wanted, into in ((train_rows, train), (query_rows, queries)):
+            rows = wanted[(wanted >= at) & (wanted < end)] - at
+            if len(rows):
+                into.append(vectors[rows])
+        at = end
+    empty = np.zeros((0, dimension(files)), np.float32)
+    return np.concatenate([empty, *train]), np.concatenate([empty, *queries])
+
+
+def _file_groups(sizes: list[int], groups: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of files, contiguous, about equal in rows, at most `groups` of them."""
+    groups = max(1, min(groups, len(sizes)))
+    if groups == 1:
+        return [(0, len(sizes))]
+    target, out, lo, acc = sum(sizes) / groups, [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= target * (len(out) + 1) and len(out) < groups - 1:
+            out.append((lo, i + 1))
+            lo = i + 1
+    return [*out, (lo, len(sizes))] if lo < len(sizes) else out

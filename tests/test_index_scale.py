@@ -17,6 +17,7 @@ from index.parts import add_part, build_in_parts, merge_block_lists
 from index.rerank import Float16Writer, attach, create, detach, open_vectors, write_rows
 from index.search import Searcher
 from index.update import update_index
+from index.vectors import index_files, sample
 from shardlight.core.errors import IndexStateError
 
 DIM = 32
@@ -179,6 +180,29 @@ def test_incremental_add_through_parts_matches_adding_in_one_process(tmp_path, f
     queries = clustered(30, DIM, seed=9)
     assert np.array_equal(_answers(one, queries), _answers(parted, queries))
     assert load_index(str(one))[1].equals(load_index(str(parted))[1])
+
+
+def test_the_sample_pass_picks_the_same_rows_in_any_number_of_groups(tmp_path):
+    sizes = [700, 1, 1300, 450, 999]
+    x = np.concatenate([clustered(n, DIM, seed=i) for i, n in enumerate(sizes)])
+    first = 0
+    for i, n in enumerate(sizes):
+        write_shard(tmp_path, f"{i:05d}", x[first: first + n])
+        first += n
+    files = index_files(str(tmp_path))
+    calls = []
+
+    def elsewhere(fn, jobs):
+        calls.append(len(jobs))
+        return [fn(*job) for job in reversed(jobs)][::-1]  # run out of order, returned in order
+
+    train, queries, query_ids = sample(files, 300, 40, seed=5)
+    assert np.array_equal(queries, x[query_ids]) and len(train) == 300
+    assert np.array_equal(train, x[np.arange(0, len(x), len(x) // 300)[:300]])  # spread evenly over all rows
+    for groups in (2, 3, 5, 9):
+        got = sample(files, 300, 40, seed=5, map_groups=elsewhere, groups=groups)
+        assert all(np.array_equal(a, b) for a, b in zip(got, (train, queries, query_ids))), groups
+    assert calls[:2] == [2, 3] and max(calls) <= len(files)  # groups balanced by rows, never more than files
 
 
 @pytest.mark.parametrize("lists", [1, 4])
