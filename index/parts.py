@@ -7,9 +7,10 @@ any process, merge the parts into one index whose inverted lists live on disk.
 
 The steps are plain functions over picklable data, so any process can run one:
 1. `prepare` (the driver): choose the index, draw the training sample spread over all files and the held-out
-   tuning queries, train, write the trained empty index and (for `…,Refine(SQfp16)`) create the float16 file,
-   and split the files into parts of about `part_rows` rows with their first global ids (FAISS id = row number
-   over the files in order, exactly as `build_index` numbers them).
+   tuning queries (a runner with `map_groups` reads the files for it in groups, elsewhere), train, write the
+   trained empty index and (for `…,Refine(SQfp16)`) create the float16 file, and split the files into parts of
+   about `part_rows` rows with their first global ids (FAISS id = row number over the files in order, exactly
+   as `build_index` numbers them).
 2. `add_part(job, i)` (anywhere that sees OUT's filesystem): read the trained index, add part i's vectors with
    their global ids, write the part and its id columns (temp + rename) and its rows of the float16 file; return
    the exact top-k of the tuning queries over its rows. Idempotent: a part redone after a failure or a kill
