@@ -51,6 +51,20 @@ def tables(out: Path) -> dict:
     return {p.name: pq.read_table(p) for p in sorted((out / "embeddings").glob("*.parquet"))}
 
 
+def settled(folder: Path, quiet_s: float = 3.0, limit_s: float = 60.0) -> dict:
+    """The finished shards once none has appeared for `quiet_s`: Ray's raylet kills a dead driver's actors
+    within a moment, not at once, and an actor may finish (atomically) the shard it was writing meanwhile."""
+    seen, since, deadline = None, time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        now = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")}
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+        time.sleep(0.2)
+    return seen
+
+
 def test_killed_driver_then_rerun_equals_uninterrupted_run(setup):
     root = setup
     proc = start(root, "killed")
@@ -61,7 +75,7 @@ def test_killed_driver_then_rerun_equals_uninterrupted_run(setup):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in done_dir.glob("*.parquet")}
+    finished = settled(done_dir)
     errors_dir = root / "killed" / "errors"
     finished_errors = {p.name: p.stat().st_mtime_ns for p in errors_dir.glob("*.parquet") if p.name in finished}
     assert 1 <= len(finished) < 5, "killed mid-run"
