@@ -87,25 +87,22 @@ class RayRunner:
     def map_groups(self, fn: Callable, jobs: list[tuple]) -> list:
         """`[fn(*job) for job in jobs]`, each a task of `cpus` (the index's sample pass: index/vectors.py)."""
         task = _call_task.options(num_cpus=self.cpus, max_retries=self.retries, retry_exceptions=list(RETRIED))
-        refs = [task.remote(fn, *job) for job in jobs]
-        try:
-            return ray.get(refs)
-        except RayTaskError as err:
-            raise ClusterError(f"reading the index's sample failed after {self.retries} retries: "
-                               f"{last_line(err)[:300]}") from None
-        except RayError as err:
-            raise ClusterError(f"reading the index's sample was lost: {last_line(err)[:300]}") from None
+        return self._get([task.remote(fn, *job) for job in jobs], "reading the index's sample")
 
     def _result(self, ref, number: int) -> dict:
-        try:
-            result = ray.get(ref)
-        except RayTaskError as err:
-            raise ClusterError(f"index part {number} failed after {self.retries} retries: {last_line(err)[:300]}") from None
-        except RayError as err:
-            raise ClusterError(f"index part {number} was lost: {last_line(err)[:300]}") from None
+        result = self._get(ref, f"index part {number}")
         if result.get("error") is not None:
             raise result["error"]
         return result
+
+    def _get(self, refs, what: str):
+        """`ray.get(refs)`, a task that failed or was lost told as one line naming `what`."""
+        try:
+            return ray.get(refs)
+        except RayTaskError as err:
+            raise ClusterError(f"{what} failed after {self.retries} retries: {last_line(err)[:300]}") from None
+        except RayError as err:
+            raise ClusterError(f"{what} was lost: {last_line(err)[:300]}") from None
 
 
 def _cancel(refs: list, wait_s: float = 30.0) -> None:

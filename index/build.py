@@ -236,7 +236,7 @@ def train_new(out: str, spec: BuildSpec, on_disk: bool = False, map_groups: Mapp
     if ivf is not None and spec.factory == "auto":
         wanted = max(spec.train_sample, min(total, ivf.nlist * 39))
     train_x, queries, query_ids = sample(files, 0 if index.is_trained else wanted, spec.tune_queries, spec.seed,
-                                         **({"map_groups": map_groups, "groups": groups} if map_groups else {}))
+                                         map_groups, groups)
     train(index, train_x)
     return Trained(plan, index, files, dim, total, queries, query_ids, time.perf_counter() - start)
 

@@ -81,7 +81,7 @@ def _in_order(fn: Callable, jobs: list[tuple]) -> list:
 
 
 def sample(files: list[str], train_size: int, query_size: int, seed: int = 0,
-           map_groups: Mapper = _in_order, groups: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           map_groups: Mapper | None = None, groups: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One pass: a training sample spread evenly over the data, and random query rows (with their ids).
 
     Query rows are drawn from outside the training sample, so tuning measures unseen vectors. The pass reads
@@ -102,7 +102,7 @@ def sample(files: list[str], train_size: int, query_size: int, seed: int = 0,
     for lo, hi in _file_groups(sizes, groups):
         first, last = int(starts[lo]), int(starts[hi])
         jobs.append((files[lo:hi], *(w[(w >= first) & (w < last)] - first for w in (train_ids, query_ids))))
-    picked = map_groups(pick_rows, jobs) if len(jobs) > 1 else _in_order(pick_rows, jobs)
+    picked = (map_groups if map_groups and len(jobs) > 1 else _in_order)(pick_rows, jobs)
     empty = np.zeros((0, dimension(files)), np.float32)
     return (np.concatenate([empty, *(t for t, _ in picked)]), np.concatenate([empty, *(q for _, q in picked)]),
             query_ids)
