@@ -8,7 +8,8 @@ For the clustered synthetic vectors of bench/index_bench.py (written once as Par
   process of its own, which reports its wall time and its own peak RSS (the driver's: Ray's workers are other
   processes), in all (ru_maxrss) and by kind, sampled every 0.2 s: anonymous (its heap) and file-backed (pages of
   the memory-mapped float16 file: once the file is in the page cache, the kernel maps cached pages around each
-  fault, so tuning's scattered reads can show the whole file resident without using memory of its own). The
+  fault, so tuning's scattered reads can show the whole file resident without using memory of its own); the
+  merge, tuning and publish run in one Ray task of their own, whose process's peak RSS is printed as logged. The
   counts run in the order given, then again reversed when `--rounds 2`, and the speed-up is a ratio of medians;
 - the indexes of all counts must answer the same 1,000 fresh queries identically (at the same nprobe and re-rank
   depth: the tuned ones depend on measured speed);
@@ -58,7 +59,8 @@ def evict(folder):
 """
 
 BUILD = MEMORY + """
-import json, resource, sys, time
+import json, logging, resource, sys, time
+logging.basicConfig(level=logging.INFO, format="%(message)s")  # the last task's own peak RSS is logged
 from flows.index_build import build_on_ray
 from index.build import BuildSpec
 from shardlight.core.config import RaySpec
@@ -96,6 +98,9 @@ def run(code: str, *args: str) -> dict:
         lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("Extension modules:")]
         tail = "\n".join(lines[-25:])
         raise SystemExit(f"failed (exit {done.returncode}):\n{tail}")
+    for line in done.stderr.splitlines():
+        if "published by one task" in line:
+            print(line.strip(), flush=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

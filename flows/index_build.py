@@ -7,15 +7,18 @@ The steps are index/parts.py's; this module only runs `add_part` as Ray tasks on
 configured `ray.address`, else a local Ray with `ray.num_cpus`), because index/ never imports Ray (import
 contract 4, docs/architecture.md). Each task adds one group of Parquet files to a copy of the trained empty
 index with their global ids and writes its part to OUT's filesystem (every node must mount it); only the small
-exact top-k of the tuning queries comes back. A task whose process dies is rerun by Ray (`max_retries`), and an
-error raised inside it is retried as well unless it is a `ShardlightError` (a changed file will not fix itself):
-a part redone writes the same bytes, so the index is the same. Progress is logged as parts finish.
+exact top-k of the tuning queries comes back. A part task whose process dies is rerun by Ray (`max_retries`),
+and an error raised inside it is retried as well unless it is a `ShardlightError` (a changed file will not fix
+itself): a part redone writes the same bytes, so the index is the same. Progress is logged as parts finish.
+One last task merges the parts, tunes and publishes, so the driver holds only the training sample and never
+maps the index's files.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,8 +28,8 @@ import faiss
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from index.build import BuildSpec
-from index.parts import PART_ROWS, PartsJob, add_part, build_in_parts
+from index.build import BuildSpec, Trained
+from index.parts import PART_ROWS, PartsJob, add_part, build_in_parts, finish
 from index.update import update_index
 from shardlight.core.config import RaySpec
 from shardlight.core.errors import ClusterError, ShardlightError, last_line
@@ -52,6 +55,13 @@ def _call_task(fn: Callable, *args):
     return fn(*args)
 
 
+@ray.remote
+def _finish_task(threads: int, last: Callable[..., dict], *args) -> tuple[dict, float, str]:
+    faiss.omp_set_num_threads(threads)
+    meta = last(*args)
+    return meta, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, ray.get_runtime_context().get_node_id()
+
+
 @dataclass
 class RayRunner:
     """Runs `add_part` for every part as a Ray task (`cpus` each), at most as many at once as the cluster has
@@ -59,7 +69,8 @@ class RayRunner:
 
     cpus: float = 1.0
     retries: int = TASK_RETRIES
-    add: Callable[[PartsJob, int], dict] = add_part  # what a task runs (tests inject failures here)
+    add: Callable[[PartsJob, int], dict] = add_part  # what a part task runs (tests inject failures here)
+    last: Callable[..., dict] = finish  # what the last task runs (`finish`'s arguments)
 
     def __call__(self, job: PartsJob, numbers: list[int]) -> list[dict]:
         job_ref = ray.put(job)
@@ -83,6 +94,18 @@ class RayRunner:
     def width(self) -> int:
         """Tasks of `cpus` each that the cluster runs at once."""
         return max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus))
+
+    def finish(self, out: str, spec: BuildSpec, job: PartsJob, t: Trained, results: list[dict], add_s: float) -> dict:
+        """index/parts.py's `finish` (merge, tune, publish) as one task holding the CPUs of the cluster's largest
+        node, so the driver never maps the index's files. Not retried: a publish cut short has moved some files
+        into place, and the build is redone from the start (the previous index serves meanwhile)."""
+        cpus = max([n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")] + [1.0])
+        task = _finish_task.options(num_cpus=cpus, max_retries=0)
+        meta, peak_mib, node = self._get(task.remote(max(1, int(cpus)), self.last, out, spec, job, t, results, add_s),
+                                         "merging, tuning and publishing the index")
+        log.info("index merged, tuned and published by one task (%g CPUs, node %s, its process's peak RSS %.0f MiB)",
+                 cpus, node[:12], peak_mib)
+        return meta
 
     def map_groups(self, fn: Callable, jobs: list[tuple]) -> list:
         """`[fn(*job) for job in jobs]`, each a task of `cpus` (the index's sample pass: index/vectors.py)."""

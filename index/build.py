@@ -174,7 +174,8 @@ class Trained:
     """A trained, empty index for a set of files, and the held-out queries that will tune it."""
 
     plan: IndexPlan
-    index: faiss.Index  # the base index (without the float16 re-rank, which is attached once filled)
+    index: faiss.Index | None  # the base index (without the float16 re-rank, attached once filled); None once
+    #   handed to index/parts.py's `finish`, which reads the trained index from its file
     files: list[str]
     dim: int
     total: int

@@ -15,12 +15,13 @@ The steps are plain functions over picklable data, so any process can run one:
    their global ids, write the part and its id columns (temp + rename) and its rows of the float16 file; return
    the exact top-k of the tuning queries over its rows. Idempotent: a part redone after a failure or a kill
    writes the same bytes, so a retried build gives the same index.
-3. `finish` (the driver): merge the parts — into one `lists.<build>.<hex>.ivfdata` of on-disk inverted lists
-   (FAISS `OnDiskInvertedLists.merge_from_multiple`, as `faiss.contrib.ondisk.merge_ondisk` does; the parts are
-   read memory-mapped, so merging needs no more RAM than one list) or, for 4-bit fast-scan lists, whose block
-   layout FAISS cannot merge on disk, in RAM with `merge_block_lists` (the codes are d/16 bytes a vector; not
-   FAISS's `merge_from`, which overruns its buffers, see there) — then tune and publish atomically
-   (index/store.py: files first, `meta.json` last), keeping the trained empty index.
+3. `finish` (the driver, or one task the runner places elsewhere): merge the parts — into one
+   `lists.<build>.<hex>.ivfdata` of on-disk inverted lists (FAISS `OnDiskInvertedLists.merge_from_multiple`,
+   as `faiss.contrib.ondisk.merge_ondisk` does; the parts are read memory-mapped, so merging needs no more RAM
+   than one list) or, for 4-bit fast-scan lists, whose block layout FAISS cannot merge on disk, in RAM with
+   `merge_block_lists` (the codes are d/16 bytes a vector; not FAISS's `merge_from`, which overruns its
+   buffers, see there) — then tune and publish atomically (index/store.py: files first, `meta.json` last),
+   keeping the trained empty index.
 
 Updates of an index built in parts add parts too, merged after the index's own lists into a fresh copy of the
 trained index (index/update.py).
@@ -40,7 +41,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -266,7 +267,8 @@ def _pack(packer, flat: np.ndarray) -> np.ndarray:
 
 
 def finish(out: str, spec: BuildSpec, job: PartsJob, t: Trained, results: list[dict], add_s: float) -> dict:
-    """Merge the parts, tune, publish (the driver's last step); returns the index metadata."""
+    """Merge the parts, tune, publish (the last step, in any process that sees OUT's filesystem; it reads the
+    trained index from `job.trained`, not `t.index`); returns the index metadata."""
     exact = collect(job, results)
     folder = local_path(join(out, INDEX_DIR))
     index, lists = merge(job, faiss.read_index(job.trained), [p.number for p in job.parts], folder, fingerprint(t.files))
@@ -289,7 +291,10 @@ def collect(job: PartsJob, results: list[dict]) -> ExactTopK:
 
 
 def build_in_parts(out: str, spec: BuildSpec, part_rows: int = PART_ROWS, runner: Runner = sequential) -> dict:
-    """Build OUT's index in parts: `runner` adds them (in this process by default; Ray tasks in flows/)."""
+    """Build OUT's index in parts: `runner` adds them (in this process by default; Ray tasks in flows/). A
+    `runner` that offers `finish` (flows/index_build.py: RayRunner) also merges, tunes and publishes elsewhere,
+    so this process never maps the index's files: tuning's re-rank reads scattered rows of the float16 file,
+    and the pages it maps count in the resident memory of whichever process runs it."""
     job, t = prepare(out, spec, part_rows, runner)
     if job is None:
         log.info("%s has no inverted lists to build in parts: building it in one process", t.plan.factory)
@@ -297,7 +302,8 @@ def build_in_parts(out: str, spec: BuildSpec, part_rows: int = PART_ROWS, runner
     with cleaned_up(job.work):
         start = time.perf_counter()
         results = runner(job, [p.number for p in job.parts])
-        return finish(out, spec, job, t, results, time.perf_counter() - start)
+        last_step = getattr(runner, "finish", finish)
+        return last_step(out, spec, job, replace(t, index=None), results, time.perf_counter() - start)
 
 
 def in_parts(out: str, factory: str) -> bool:

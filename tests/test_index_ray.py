@@ -13,7 +13,7 @@ import pytest
 from index_helpers import clustered, write_shard
 
 from index.build import BuildSpec, load_index, read_meta
-from index.parts import add_part, build_in_parts
+from index.parts import add_part, build_in_parts, finish
 from shardlight.core.errors import IndexStateError
 
 ray = pytest.importorskip("ray")
@@ -77,6 +77,27 @@ def test_ray_build_gives_the_index_a_build_in_one_process_gives(tmp_path, local_
     build_in_parts(str(here), SPEC, part_rows=800)
     meta = build_on_ray(str(there), SPEC, part_rows=800)
     assert meta["parts"] == {**meta["parts"], "count": 4, "merged": "on disk"}
+    _same_index(here, there)
+
+
+def _finish_elsewhere(marker: str, *args) -> dict:
+    """index/parts.py's `finish`, noting the process that ran it."""
+    Path(marker).write_text(str(os.getpid()))
+    return finish(*args)
+
+
+def test_the_merge_tuning_and_publish_run_in_a_task_not_the_driver(tmp_path, local_ray):
+    from flows.index_build import RayRunner, build_on_ray
+
+    here, there = tmp_path / "sequential", tmp_path / "ray"
+    for out in (here, there):
+        _data(out)
+    build_in_parts(str(here), SPEC, part_rows=800)
+    marker = tmp_path / "finished-by"
+    meta = build_on_ray(str(there), SPEC, part_rows=800,
+                        runner=RayRunner(last=functools.partial(_finish_elsewhere, str(marker))))
+    assert int(marker.read_text()) != os.getpid()  # the driver never opened the merged index
+    assert meta == read_meta(str(there)) and meta["parts"]["merged"] == "on disk"
     _same_index(here, there)
 
 
