@@ -175,7 +175,9 @@ def test_sampler_is_deterministic_per_seed_and_batch_independent():
     a, b = sample([1, 2, 3], y), sample([1, 2, 3], y)
     alone, other = sample([2], y[1:2]), sample([4, 2, 3], y)
     assert torch.equal(a, b)
-    assert torch.allclose(a[1], alone[0], atol=1e-4)  # the same seed alone in its batch
+    # the same seed alone in its batch: equal up to rounding, which differs with the batch's size (the BLAS
+    # kernels block it differently) and grows through five guided steps (measured up to 2e-4 on AVX-512)
+    assert torch.allclose(a[1], alone[0], atol=1e-3)
     assert (a[0] - other[0]).abs().mean() > 0.05  # another seed, another image
 
 
