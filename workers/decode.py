@@ -132,8 +132,13 @@ class CpuDecoder:
         return list(getattr(self._pool, "_processes", None) or {})
 
     def close(self) -> None:
+        """Stop the decode workers and wait for them to exit (their semaphores are released while the process
+        that made them is alive)."""
+        self._drop_pool(wait=True)
+
+    def _drop_pool(self, wait: bool) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
     def batches(self, samples: Iterable[RawSample | SampleError]) -> Iterator[DecodedBatch]:
@@ -221,7 +226,7 @@ class CpuDecoder:
     def _restart(self, outstanding: deque, err: Exception) -> None:
         """A decode process died: start a fresh pool and decode again every chunk without a result."""
         self.restarts += 1
-        self.close()
+        self._drop_pool(wait=False)  # a broken pool: its processes are gone or going
         if self.restarts > self.max_restarts:
             raise ClusterError(f"decode workers died {self.restarts} times ({err}); giving up on this shard")
         for entry in outstanding:

@@ -28,6 +28,8 @@ from shardlight.core.errors import ClusterError, ShardlightError, first_line, la
 
 log = logging.getLogger("shardlight")
 
+CLOSE_TIMEOUT_S = 10.0  # for live actors to shut down their helper processes before they are killed
+
 
 @ray.remote
 class ShardActor:
@@ -50,6 +52,11 @@ class ShardActor:
 
     def process(self, shard_url: str, out: str) -> dict:
         return self.worker.process(shard_url, out)
+
+    def close(self) -> None:
+        close = getattr(self.worker, "close", None)
+        if close is not None:
+            close()
 
 
 # Ray 2.60's `ray start --head` turns on token authentication; a client without the token is refused with
@@ -299,6 +306,15 @@ class ShardPool:
             log.warning("could not replace a lost worker (%s); going on with %d", err, len(self.actors))
 
     def close(self) -> None:
+        """Stop the workers: each live actor first shuts down its helper processes, then every actor is killed.
+
+        Ray kills a dead actor's whole process group; a decode pool cut down that way can leave Python's
+        resource tracker gone while the pool still unregisters its semaphores, which prints a KeyError
+        traceback per semaphore into the run's log.
+        """
+        closing = [actor.close.remote() for actor in self.actors.values()]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         for actor in [*self.actors.values(), *self.starting.values()]:
             ray.kill(actor)
 

@@ -34,6 +34,10 @@ class ShardWorker:
             info["augment"] = self.augmenter.describe()
         return info
 
+    def close(self) -> None:
+        """Shut down the embedder's helper processes (decode, text, reading)."""
+        self.embedder.close()
+
     def process(self, shard_url: str, out: str) -> dict:
         result = {"shard": shard_name(shard_url), "embed": None, "augment": None, "augment_error": None}
         if not shard_done(out, shard_url):
