@@ -308,7 +308,7 @@ class ShardPool:
     def close(self) -> None:
         """Stop the workers: each live actor first shuts down its helper processes, then every actor is killed.
 
-        Ray kills a dead actor's whole process group; a decode pool cut down that way can leave Python's
+        Ray kills a killed actor's whole process group; a decode pool cut down that way can leave Python's
         resource tracker gone while the pool still unregisters its semaphores, which prints a KeyError
         traceback per semaphore into the run's log.
         """
