@@ -10,6 +10,8 @@ one after the other; `started_ahead` starts all three at once, before the flow:
   actors (`workers/pool.py: start_ahead`), which the shard stage claims; any left unclaimed are killed at the
   end, and Ray, when started here, stays up for the whole flow (the index stage uses it too) and is shut
   down after it.
+Only then does the driver import the flow itself (torch, Prefect's engine: seconds on 2 cores), so the actors'
+start and the server's overlap the driver's own imports; the CLI imports nothing heavy before this point.
 Nothing is started ahead when every shard is done, or while another run holds the output (this run will wait
 for it, or refuse). A flow started another way (a deployment, `pipeline()` from Python) starts it all itself.
 """
@@ -43,10 +45,11 @@ def started_ahead(cfg: RunConfig) -> Iterator[None]:
     try:
         if todo:
             started = connect(cfg.ray)
-            from workers.shard_worker import start_shard_workers_ahead  # torch and the models' code: not before
+            from workers.shard_worker import start_shard_workers_ahead  # torch-free: the actors import the models
 
             plan = start_shard_workers_ahead(cfg, len(todo))
             log.info("Ray: starting %s while the flow starts", plan.describe())
+        import flows.pipeline  # noqa: F401 - the flow's modules (torch, Prefect's engine) load while all that starts
         if server is not None:
             server.join()
         yield

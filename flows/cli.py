@@ -84,7 +84,6 @@ def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     """Check inputs up front (one-line errors), then run the Prefect flow and print its summary."""
     from flows.ahead import started_ahead
     from flows.interrupt import stop_cleanly_on_interrupt
-    from flows.pipeline import pipeline
     from shardlight.core.space import check_space
     from shardlight.core.storage import check_output, list_shards
     from shardlight.models.weights import check_augment_files, check_weight_files
@@ -98,6 +97,8 @@ def run_pipeline(cfg, wait_s: float = 0.0) -> dict:
     check_augment_files(cfg.augment)
     check_space(cfg.output, cfg.clip, cfg.labels)
     with stop_cleanly_on_interrupt(cfg.output), started_ahead(cfg):
+        from flows.pipeline import pipeline  # imported by started_ahead, after the actors were started
+
         summary = pipeline(cfg.model_dump(), wait_s=wait_s)
     _print_summary(summary)
     return summary

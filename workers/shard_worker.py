@@ -14,8 +14,6 @@ from shardlight.core.config import AugmentSpec, ClipSpec, ComputeSpec, LabelSpec
 from shardlight.core.errors import first_line
 from shardlight.core.layout import augment_done, shard_done
 from shardlight.core.storage import shard_name
-from workers.augment import ShardAugmenter
-from workers.embed import ShardEmbedder
 from workers.pool import PoolPlan, PoolResult, run_stage, start_ahead
 
 
@@ -23,6 +21,11 @@ class ShardWorker:
     """`process(shard_url, out)` -> {"shard", "embed": stats | None, "augment": stats | None, "augment_error"}."""
 
     def __init__(self, clip: ClipSpec, labels: LabelSpec, compute: ComputeSpec, augment: AugmentSpec):
+        # Imported here, in the actor: the driver names this class to Ray without loading torch and the models'
+        # code, so a run can start its actors ahead while the driver is still importing (flows/ahead.py).
+        from workers.augment import ShardAugmenter
+        from workers.embed import ShardEmbedder
+
         self.embedder = ShardEmbedder(clip, labels, compute)
         self.augmenter = (ShardAugmenter(augment, clip, labels, compute,
                                          models=(self.embedder.clip, self.embedder.labeler))

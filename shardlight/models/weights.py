@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from shardlight.core.config import CONFIG_DIR, AugmentSpec, ClipSpec, LabelSpec
 from shardlight.core.errors import ModelLoadError, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_DIR = CONFIG_DIR / "models"
 
@@ -42,6 +44,8 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    import torch  # here, not at the top: the CLI checks weight files before it loads torch (flows/cli.py)
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
