@@ -40,6 +40,7 @@ def test_one_parquet_per_shard_and_counts_reconcile(first_run):
     worker = summary["worker"]  # the demo's one actor holds both CPUs of its local Ray and uses them
     assert worker["cpus"] == 2 and worker["threads"] == 2 and worker["decode_workers"] >= 1
     assert worker["nice"] == 0  # not Ray's default 15, below every other process on the node
+    assert worker["malloc_kept"]  # its batches reuse freed pages (workers/memory.py)
     for shard in ("00000", "00001", "00002", "00003"):
         rows = pq.read_table(f"{out}/embeddings/{shard}.parquet").num_rows
         dropped = sum(e["dropped"] for e in pq.read_table(f"{out}/errors/{shard}.parquet").to_pylist())

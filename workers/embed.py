@@ -24,6 +24,7 @@ from shardlight.models.labelers import build_labeler
 from workers.cpus import apply_threads, held_cpus, model_threads
 from workers.decode import DecodedBatch, DecodeSpecs
 from workers.decoders import make_decoder
+from workers.memory import keep_freed_memory
 from workers.reader import DecodedSample, ShardReader
 from workers.reader_process import ReaderProcess
 from workers.text import TextPool, text_processes
@@ -33,6 +34,7 @@ class ShardEmbedder:
     """CLIP image/text embeddings and labels for whole shards; load once, call per shard."""
 
     def __init__(self, clip: ClipSpec, labels: LabelSpec, compute: ComputeSpec):
+        self.malloc_kept = keep_freed_memory()  # before the models: their batches reuse pages (workers/memory.py)
         self.device = pick_device(compute.device)
         self.cpus = held_cpus()
         self.threads = model_threads(compute, self.device, self.cpus)
@@ -61,7 +63,7 @@ class ShardEmbedder:
         return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "batch_size": self.batch_size, "dim": self.clip.dim, "cpus": self.cpus,
                 "threads": torch.get_num_threads(), "nice": os.nice(0), "text_real_length": self.clip.cuts_text,
-                "text_processes": self.text.processes if self.text else 0,
+                "text_processes": self.text.processes if self.text else 0, "malloc_kept": self.malloc_kept,
                 **self.decoder.describe()}
 
     def close(self) -> None:
