@@ -112,3 +112,18 @@ def test_decode_workers_that_keep_dying_fail_the_shard_in_one_line(shards):
             _decode(decoder, shards[-1], kill_after=0)
     finally:
         decoder.close()
+
+
+def test_decode_processes_start_before_the_first_shard_and_one_lost_there_costs_nothing(shards):
+    expected_keys, expected = _decode(CpuDecoder(DecodeSpecs(TINY), workers=0, batch_size=4), shards[-1])
+    decoder = CpuDecoder(DecodeSpecs(TINY), workers=2, batch_size=4)
+    try:
+        decoder.start()
+        assert len(decoder.pids()) == 2  # started with no shard in sight
+        os.kill(decoder.pids()[0], signal.SIGKILL)
+        time.sleep(0.5)
+        keys, pixels = _decode(decoder, shards[-1])
+        assert decoder.restarts == 1
+    finally:
+        decoder.close()
+    assert keys == expected_keys and torch.equal(pixels, expected)

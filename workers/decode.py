@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import os
 import queue
 import threading
 from collections import deque
@@ -49,6 +50,8 @@ class DecodedBatch:
 
 
 class Decoder(Protocol):
+    def start(self) -> None: ...
+
     def batches(self, samples: Iterable[RawSample | SampleError]) -> Iterator[DecodedBatch]: ...
 
     def describe(self) -> dict: ...
@@ -126,6 +129,15 @@ class CpuDecoder:
     def describe(self) -> dict:
         return {"decode": "cpu", "decode_workers": self.workers,
                 "decode_mode": self.mode if self.workers else "inline"}
+
+    def start(self) -> None:
+        """Start the decode processes now, while the worker loads its models: each takes a good half second
+        to start (a spawned Python), which the first shard's first batch would otherwise wait for."""
+        if self.workers and self._pool is None:
+            self._pool = self._new_pool()
+            if self.mode == "process":
+                for _ in range(self.workers):  # the pool starts a process per task waiting for one
+                    self._pool.submit(os.getpid)
 
     def pids(self) -> list[int]:
         """The decode processes' ids (for tests and diagnostics)."""

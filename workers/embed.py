@@ -51,6 +51,7 @@ class ShardEmbedder:
         # Where captions are tokenised in helper processes (a GPU worker with CPUs to spare), the shard is
         # read in one too: this process then only feeds the GPU (docs/operations.md, "GPU decoding").
         self.reading = ReaderProcess() if processes else None
+        self.decoder.start()  # its processes start while the first shard is on its way
 
     def _specs(self, compute: ComputeSpec) -> DecodeSpecs:
         """uint8 pixel specs where the models' transforms split; their own transforms otherwise."""

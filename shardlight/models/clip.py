@@ -9,6 +9,8 @@ full context.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,13 @@ from shardlight.core.config import ClipSpec
 from shardlight.core.errors import ModelLoadError
 from shardlight.models.device import autocast
 from shardlight.models.preprocess import PixelSpec, normalize, pixel_spec
-from shardlight.models.weights import MODEL_DIR, check_weight_files, offline_hint, register_repo_models
+from shardlight.models.weights import (
+    MODEL_DIR,
+    check_weight_files,
+    init_skipped,
+    offline_hint,
+    register_repo_models,
+)
 
 # Captions per text bucket on a CPU: large enough to keep matmuls efficient, small enough that a bucket's
 # longest caption is close to its others (docs/benchmarks.md).
@@ -37,8 +45,11 @@ class ClipEmbedder:
         check_weight_files(spec, None)
         pretrained = spec.pretrained
         torch.manual_seed(spec.seed)  # an untrained model must be identical on every worker
+        # With weights, open_clip loads the whole model strictly: its random start would be thrown away.
+        building = init_skipped() if pretrained else contextlib.nullcontext()
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=pretrained)
+            with building:
+                model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=pretrained)
         except Exception as err:  # hub download failures surface as many exception types
             raise offline_hint(f"open_clip {spec.model!r} pretrained={pretrained!r}", err) from None
         self.model = model.to(device).eval()

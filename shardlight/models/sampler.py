@@ -26,7 +26,7 @@ from shardlight.models.autoencoder import Autoencoder, load_autoencoder
 from shardlight.models.device import autocast
 from shardlight.models.diffusion import Diffusion, seeded_noise
 from shardlight.models.dit import _SIZES, DIT_MODELS, DiT, DiTConfig
-from shardlight.models.weights import class_names_for, load_weights_file, read_weights_metadata
+from shardlight.models.weights import class_names_for, init_skipped, load_weights_file, read_weights_metadata
 
 VAE_SCALE = 0.18215  # the SD VAE latent scale the published DiT checkpoints were trained with
 
@@ -86,7 +86,8 @@ def _load_dit(name: str | None, checkpoint: str | None) -> tuple[DiT, dict]:
     else:
         state = convert_published_state_dict(state)
         config = config_from_state_dict(state, name or "DiT-XL/2")
-    model = DiT(config)
+    with init_skipped():  # the strict load below replaces every weight
+        model = DiT(config)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as err:

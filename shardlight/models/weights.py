@@ -7,6 +7,8 @@ the repo's model JSONs (configs/models/) and its timm architectures known to ope
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +31,36 @@ def register_repo_models() -> None:
     import shardlight.models.architectures  # noqa: F401  (registers with timm on import)
 
     open_clip.add_model_config(MODEL_DIR)
+
+
+# torch.nn.init's in-place initialisers: what building a network spends its time in (random numbers for
+# every parameter) before a checkpoint overwrites them all.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+@contextlib.contextmanager
+def init_skipped() -> Iterator[None]:
+    """Build a network whose weights a strict load will replace, without drawing its random initial values.
+
+    Only sound around a build followed by a strict `load_state_dict` of the whole model: every parameter and
+    persistent buffer is then overwritten, and everything else a constructor computes (attention masks,
+    positional tables) is computed as usual, since only torch.nn.init's functions become no-ops."""
+    import torch
+
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, _unchanged)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _unchanged(tensor, *args, **kwargs):
+    return tensor
 
 
 def is_weights_path(value: str) -> bool:
