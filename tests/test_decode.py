@@ -2,6 +2,8 @@
 on clean and damaged shards, and a decode process killed mid-shard loses and duplicates no row."""
 
 import os
+import pickle
+import select
 import signal
 import time
 
@@ -14,17 +16,14 @@ from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
 from shardlight.core.errors import ClusterError
 from shardlight.models.preprocess import PixelSpec
 from shardlight.training.synthetic import write_shards
+from workers import decode_job
 from workers.decode import CpuDecoder, DecodeSpecs
 from workers.embed import ShardEmbedder
-from workers.reader import ShardReader
+from workers.reader import RawSample, ShardReader
 
 pytestmark = pytest.mark.timeout(300)
 
 SPEC = PixelSpec(resize=64, size=64, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
-# For the tests that SIGKILL a decode process: a chunk's reply (2 images of 16x16x3) fits in one atomic pipe
-# write. A process killed in the middle of a longer reply leaves a partial message that Python 3.11's
-# ProcessPoolExecutor then waits on forever (a known CPython limitation, listed in docs/operations.md).
-TINY = PixelSpec(resize=16, size=16, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
 LABELS = LabelSpec(kind="vit", model="shapes-vit", top_k=3)
 
 
@@ -95,18 +94,20 @@ def test_batches_are_fixed_size_uint8_in_shard_order(shards):
 
 
 def test_a_decode_worker_killed_mid_shard_loses_and_duplicates_nothing(shards):
-    expected_keys, expected = _decode(CpuDecoder(DecodeSpecs(TINY), workers=0, batch_size=4), shards[-1])
-    decoder = CpuDecoder(DecodeSpecs(TINY), workers=2, batch_size=4, prefetch=1)
+    expected_keys, expected = _decode(CpuDecoder(DecodeSpecs(SPEC), workers=0, batch_size=4), shards[-1])
+    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4, prefetch=1)
     try:
         keys, pixels = _decode(decoder, shards[-1], kill_after=0)
         assert decoder.restarts == 1
+        spill = decoder._spill
     finally:
         decoder.close()
     assert keys == expected_keys and len(keys) == 30 and torch.equal(pixels, expected)
+    assert not os.path.exists(spill)  # a killed process's unread result files go with the worker
 
 
 def test_decode_workers_that_keep_dying_fail_the_shard_in_one_line(shards):
-    decoder = CpuDecoder(DecodeSpecs(TINY), workers=2, batch_size=4, prefetch=1, max_restarts=0)
+    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4, prefetch=1, max_restarts=0)
     try:
         with pytest.raises(ClusterError, match="decode workers died 1 times"):
             _decode(decoder, shards[-1], kill_after=0)
@@ -115,8 +116,8 @@ def test_decode_workers_that_keep_dying_fail_the_shard_in_one_line(shards):
 
 
 def test_decode_processes_start_before_the_first_shard_and_one_lost_there_costs_nothing(shards):
-    expected_keys, expected = _decode(CpuDecoder(DecodeSpecs(TINY), workers=0, batch_size=4), shards[-1])
-    decoder = CpuDecoder(DecodeSpecs(TINY), workers=2, batch_size=4)
+    expected_keys, expected = _decode(CpuDecoder(DecodeSpecs(SPEC), workers=0, batch_size=4), shards[-1])
+    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4)
     try:
         decoder.start()
         assert len(decoder.pids()) == 2  # started with no shard in sight
@@ -127,3 +128,20 @@ def test_decode_processes_start_before_the_first_shard_and_one_lost_there_costs_
     finally:
         decoder.close()
     assert keys == expected_keys and torch.equal(pixels, expected)
+
+
+def test_a_decode_process_replies_with_a_path_short_enough_for_one_atomic_pipe_write(shards, tmp_path,
+                                                                                       monkeypatch):
+    # A reply longer than PIPE_BUF, cut by a kill, would hang Python's ProcessPoolExecutor for good.
+    big = PixelSpec(resize=256, size=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    monkeypatch.setattr(decode_job, "_SPECS", DecodeSpecs(big))
+    jobs = [(r.image, r.image_format) for r in ShardReader(shards[-1]) if isinstance(r, RawSample)][:16]
+    reply = decode_job.decode_chunk_to_file(jobs, str(tmp_path))
+    assert isinstance(reply, str) and len(pickle.dumps(reply)) < select.PIPE_BUF // 4
+    results = decode_job.read_chunk_file(reply)
+    expected = decode_job.decode_chunk(jobs, DecodeSpecs(big))
+    assert len(pickle.dumps(expected)) > 16 * 256 * 256 * 3  # what used to go through the pipe
+    assert not os.listdir(tmp_path)  # read once, then gone
+    assert len(results) == 16
+    for got, want in zip(results, expected):
+        assert got[:2] == want[:2] and np.array_equal(got[2], want[2])

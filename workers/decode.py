@@ -7,6 +7,8 @@ results in shard order into batches of exactly `batch_size` samples (the last on
   sample in a batch or an error record in `errors`, in shard order (so rows + dropped == samples read);
 - a decode process that dies (OOM, a signal) costs nothing: the pool is restarted and every chunk not yet
   collected is decoded again; only a shard that kills it `max_restarts` times fails, with one clear error;
+  a death can never hang the pool, since a decode process replies with a file's path, not its pixels
+  (workers/decode_job.py: a short reply is one atomic pipe write);
 - a consumer that stops early (a model error) stops the conductor too; no thread or queue outlives it.
 The contract with the models and with the GPU decoder (`workers/gpu_decode.py`) is in DECODE_INTERFACE.md.
 """
@@ -17,7 +19,10 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 import queue
+import shutil
+import tempfile
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +33,14 @@ import torch
 
 from shardlight.core.errors import ClusterError, InputError
 from shardlight.core.schema import SampleError
-from workers.decode_job import DecodeSpecs, decode_chunk, decode_one, init_worker
+from workers.decode_job import (
+    DecodeSpecs,
+    decode_chunk,
+    decode_chunk_to_file,
+    decode_one,
+    init_worker,
+    read_chunk_file,
+)
 from workers.reader import RawSample
 
 __all__ = ["CpuDecoder", "DecodeSpecs", "DecodedBatch", "Decoder", "SampleMeta"]
@@ -124,6 +136,7 @@ class CpuDecoder:
         self.chunk = max(1, min(16, -(-batch_size // max(1, workers))))
         self.in_flight = 2 * max(1, workers) + 1
         self._pool: cf.Executor | None = None
+        self._spill: str | None = None  # the decode processes' result files (workers/decode_job.py)
         self.restarts = 0  # pool restarts (a decode process died) during the current or last shard
 
     def describe(self) -> dict:
@@ -147,6 +160,9 @@ class CpuDecoder:
         """Stop the decode workers and wait for them to exit (their semaphores are released while the process
         that made them is alive)."""
         self._drop_pool(wait=True)
+        if self._spill:
+            shutil.rmtree(self._spill, ignore_errors=True)  # results of chunks whose replies never came
+            self._spill = None
 
     def _drop_pool(self, wait: bool) -> None:
         if self._pool is not None:
@@ -220,7 +236,7 @@ class CpuDecoder:
         try:
             if self.mode == "thread":
                 return self._pool.submit(decode_chunk, jobs, self.specs)
-            return self._pool.submit(decode_chunk, jobs)
+            return self._pool.submit(decode_chunk_to_file, jobs, self._spill)
         except cf.process.BrokenProcessPool as err:  # died since the last collect: fail like a pending chunk
             failed: cf.Future = cf.Future()
             failed.set_exception(err)
@@ -229,7 +245,7 @@ class CpuDecoder:
     def _collect(self, outstanding: deque, assembler: _Assembler) -> None:
         while True:
             try:
-                results = outstanding[0][1].result()
+                results = read_chunk_file(outstanding[0][1].result())
                 break
             except cf.process.BrokenProcessPool as err:
                 self._restart(outstanding, err)
@@ -248,6 +264,9 @@ class CpuDecoder:
     def _new_pool(self) -> cf.Executor:
         if self.mode == "thread":
             return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+        if self._spill is None:
+            self._spill = tempfile.mkdtemp(prefix="shardlight-decode-")
+            weakref.finalize(self, shutil.rmtree, self._spill, True)  # also for a decoder never closed
         # spawn, not fork: the parent runs OpenMP threads, which a forked child must not inherit
         return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=init_worker, initargs=(self.specs,))

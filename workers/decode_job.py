@@ -3,12 +3,16 @@
 This module runs inside decode worker processes, so it imports neither torch nor webdataset (a spawned
 worker then starts in a fraction of a second and stays small); the targets are set once per worker by
 `init_worker`, and each call gets only the image bytes. Results keep the chunk's order; a bad image is an
-error string in its place, never an exception that would lose the rest of the chunk.
+error string in its place, never an exception that would lose the rest of the chunk. A decode process hands
+its results over in a file and sends back only the file's path (`decode_chunk_to_file`): a reply that short
+is one atomic pipe write, so a process killed while replying cannot leave half a message behind.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -72,3 +76,28 @@ def decode_chunk(items: list[tuple[bytes, str | None]], specs: DecodeSpecs | Non
     """Decode a chunk in order; `specs` is given by thread workers and set by `init_worker` in processes."""
     specs = specs or _SPECS
     return [decode_one(specs, data, fmt) for data, fmt in items]
+
+
+def decode_chunk_to_file(items: list[tuple[bytes, str | None]], folder: str) -> list | str:
+    """`decode_chunk` in a decode process: the results are written to a file in `folder` and its path is the
+    reply. Python's ProcessPoolExecutor reads a reply with no timeout, so a process killed halfway through
+    writing a reply larger than one atomic pipe write (PIPE_BUF, 4 KiB) hangs the pool's reader for good;
+    a path is far below that. With no room for the file, the results go through the pipe as before."""
+    results = decode_chunk(items)
+    try:
+        fd, path = tempfile.mkstemp(dir=folder, suffix=".chunk")
+        with os.fdopen(fd, "wb") as out:
+            pickle.dump(results, out, protocol=pickle.HIGHEST_PROTOCOL)
+    except OSError:
+        return results
+    return path
+
+
+def read_chunk_file(reply: list | str) -> list:
+    """The results behind a decode process's reply (the file is removed once read)."""
+    if not isinstance(reply, str):
+        return reply
+    with open(reply, "rb") as spilled:
+        results = pickle.load(spilled)  # written by this worker's own decode process, in its private folder
+    os.unlink(reply)
+    return results
