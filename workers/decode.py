@@ -10,7 +10,8 @@ results in shard order into batches of exactly `batch_size` samples (the last on
   a death can never hang the pool, since a decode process replies with a file's path, not its pixels
   (workers/decode_job.py: a short reply is one atomic pipe write);
 - a consumer that stops early (a model error) stops the conductor too; no thread or queue outlives it.
-The contract with the models and with the GPU decoder (`workers/gpu_decode.py`) is in DECODE_INTERFACE.md.
+`Decoder` is the contract the GPU decoder (`workers/gpu_decode.py`) keeps too: `start` (helpers up before the
+first shard), `batches` (the invariants above), `describe` (for the run's `worker` record), `close`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GPU decoding: batches of JPEG bytes → nvJPEG → resize + centre crop on the GPU → the models' uint8 pixels.
 
 `GpuDecoder` is the second implementation of the decoder interface of `workers/decode.py` (the CPU one is
-`CpuDecoder`; the contract is in the shared notes, DECODE_INTERFACE.md). Invariants:
+`CpuDecoder`; the contract is the `Decoder` protocol and the invariants listed there). Invariants:
 
 - **Shard order.** Rows come out in the order samples went in; every error record keeps its place.
 - **Only what the GPU decodes as libjpeg does goes to it** (`gpu_decodable`): baseline Huffman JPEGs

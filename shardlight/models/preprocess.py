@@ -7,7 +7,7 @@ transform's PIL steps produce (same output size arithmetic, same PIL resample, s
 the batch is on. Decode workers ship uint8 (4x smaller than float32) and never import torch: this module
 imports it lazily, inside `normalize`, so a decode process stays light.
 
-The contract with the worker side is written down in the shared notes file DECODE_INTERFACE.md.
+The worker side of the contract (fixed-size uint8 batches in shard order) is `workers/decode.py`'s `Decoder`.
 """
 
 from __future__ import annotations
