@@ -145,3 +145,65 @@ def test_a_decode_process_replies_with_a_path_short_enough_for_one_atomic_pipe_w
     assert len(results) == 16
     for got, want in zip(results, expected):
         assert got[:2] == want[:2] and np.array_equal(got[2], want[2])
+
+
+_KILLED_OWNER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from shardlight.models.preprocess import PixelSpec
+from workers.decode import CpuDecoder, DecodeSpecs
+decoder = CpuDecoder(DecodeSpecs(PixelSpec(16, 16, "bicubic", (0.5,) * 3, (0.5,) * 3)), workers=2)
+decoder.start()
+print(decoder._spill, *decoder.pids(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_worker_leaves_neither_decode_processes_nor_their_results_folder():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    owner = subprocess.Popen([sys.executable, "-c", _KILLED_OWNER.format(repo=str(Path(__file__).parent.parent))],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        folder, *pids = owner.stdout.readline().split()
+        assert os.path.isdir(folder) and len(pids) == 2
+        time.sleep(2)  # the decode processes are up and watching their parent
+        owner.kill()  # as ray.kill or the OOM killer would: no close(), no finalizer
+        owner.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while (os.path.exists(folder) or any(_alive(int(p)) for p in pids)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not os.path.exists(folder)
+        assert not any(_alive(int(p)) for p in pids)
+    finally:
+        owner.kill()
+        owner.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for init to reap it counts as gone
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_new_worker_removes_results_folders_whose_owner_is_gone(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import workers.decode as decode
+
+    monkeypatch.setattr(decode.tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f"shardlight-decode-{gone}-abc"
+    live = tmp_path / f"shardlight-decode-{os.getppid()}-abc"  # a running process's: kept
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "x.chunk").write_bytes(b"results")
+    mine = decode._results_folder()
+    assert not stale.exists() and live.exists()
+    assert os.path.basename(mine).startswith(f"shardlight-decode-{os.getpid()}-")

@@ -17,6 +17,7 @@ first shard), `batches` (the invariants above), `describe` (for the run's `worke
 from __future__ import annotations
 
 import concurrent.futures as cf
+import glob
 import multiprocessing
 import os
 import queue
@@ -266,8 +267,31 @@ class CpuDecoder:
         if self.mode == "thread":
             return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         if self._spill is None:
-            self._spill = tempfile.mkdtemp(prefix="shardlight-decode-")
+            self._spill = _results_folder()
             weakref.finalize(self, shutil.rmtree, self._spill, True)  # also for a decoder never closed
         # spawn, not fork: the parent runs OpenMP threads, which a forked child must not inherit
         return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=init_worker, initargs=(self.specs,))
+                                      initializer=init_worker, initargs=(self.specs, self._spill))
+
+
+_FOLDER_PREFIX = "shardlight-decode-"
+
+
+def _results_folder() -> str:
+    """A private folder for the decode processes' result files, named after this process; first removes the
+    folders of processes that are gone (a worker killed with its decode processes leaves its folder behind)."""
+    for stale in glob.glob(os.path.join(tempfile.gettempdir(), f"{_FOLDER_PREFIX}*-*")):
+        owner = os.path.basename(stale)[len(_FOLDER_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and not _running(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 import threading
 import time
@@ -56,19 +57,23 @@ _SPECS: DecodeSpecs | None = None
 NICENESS = 5
 
 
-def init_worker(specs: DecodeSpecs) -> None:
-    """Process-pool initializer: one worker decodes for one set of models, for its whole life."""
+def init_worker(specs: DecodeSpecs, folder: str | None = None) -> None:
+    """Process-pool initializer: one worker decodes for one set of models, for its whole life; `folder` is
+    where its results go (`decode_chunk_to_file`)."""
     global _SPECS
     _SPECS = specs
     # A decode worker yields to the model threads it shares the cores with; it only needs to keep ahead.
     os.nice(NICENESS)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(), folder), daemon=True).start()
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A killed actor (ray.kill, SIGKILL) cannot shut its pool down; its decode workers must not outlive it."""
+def _exit_with_parent(parent: int, folder: str | None) -> None:
+    """A killed actor (ray.kill, SIGKILL) cannot shut its pool down or remove its results folder; its decode
+    workers must not outlive it, and the last thing they do is remove the folder."""
     while os.getppid() == parent:
         time.sleep(1.0)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
     os._exit(0)
 
 
