@@ -1,6 +1,8 @@
 """Actors started ahead of their stage (workers/pool.py `start_ahead`): the stage's pool is made of them when
 they fit, others are left alone and killed by `release_ahead`; the rows are the same either way."""
 
+import time
+
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -67,5 +69,10 @@ def test_an_actor_for_other_arguments_is_not_claimed_and_is_released(tmp_path, l
     assert pool_module._AHEAD == [stranger]  # still there, still alive, until released
     assert ray.get(stranger.actor.ready.remote())["pid"] == stranger_pid
     assert release_ahead() == 1 and pool_module._AHEAD == []
+    # ray.kill is asynchronous: a call sent right after it may still be served (seen in CI); within a minute
+    # the actor must be gone
+    deadline = time.monotonic() + 60
     with pytest.raises(RayActorError):
-        ray.get(stranger.actor.ready.remote(), timeout=60)
+        while time.monotonic() < deadline:
+            ray.get(stranger.actor.ready.remote(), timeout=60)
+            time.sleep(0.2)
