@@ -16,8 +16,11 @@ whole `shardlight run` of that model (image + text, no labels, no index), as a r
   read+decode   tar read, JPEG decode and the CLIP transform, in 1 process, then in one per CPU (one shard
                 list each), timed inside the processes (their start-up is not counted)
   image / text  the model's image tower on pre-made tensors, its text tower on the real captions
-                (ClipEmbedder.embed_texts), with torch's default threads; image+text is their sum in time,
-                the bare model limit
+                (ClipEmbedder.embed_texts, one call per batch), with torch's default threads; image+text
+                is their sum in time, the bare model limit
+  text, windowed  the text tower on the same captions in the run's windows of several batches
+                (ShardEmbedder.text_window), sorted by length across each window as the run embeds them:
+                the run ÷ this forward is what the pipeline around the model costs
   run           `shardlight run` in a fresh process, wall clock (Prefect server, Ray, model load included;
                 the Prefect database is created before, untimed), and its embedding stage's rate from the
                 run summary
@@ -126,8 +129,9 @@ def forward_batches(embedder: ShardEmbedder, shards: list[Path]) -> tuple[list, 
     return batches, tokens
 
 
-def forward_rates(embedder: ShardEmbedder, batches: list) -> tuple[float, float]:
-    """images/s of the image tower and captions/s of the text tower alone (ClipEmbedder's own calls)."""
+def forward_rates(embedder: ShardEmbedder, batches: list) -> tuple[float, float, float]:
+    """images/s of the image tower, captions/s of the text tower alone (ClipEmbedder's own calls), one batch
+    a call and in the run's windows of `text_window` captions."""
     embedder.clip.embed_images(batches[0][0])  # warm-up: first-call allocations
     embedder.clip.embed_texts(batches[0][1])
     start = time.perf_counter()
@@ -138,8 +142,14 @@ def forward_rates(embedder: ShardEmbedder, batches: list) -> tuple[float, float]
     for _, texts in batches:
         embedder.clip.embed_texts(texts)
     text_s = time.perf_counter() - start
-    n = sum(len(texts) for _, texts in batches)
-    return n / image_s, n / text_s
+    captions = [c for _, texts in batches for c in texts]
+    window = embedder.text_window
+    start = time.perf_counter()
+    for i in range(0, len(captions), window):
+        embedder.clip.embed_texts(captions[i: i + window])
+    windowed_s = time.perf_counter() - start
+    n = len(captions)
+    return n / image_s, n / text_s, n / windowed_s
 
 
 def model_stages(args) -> None:
@@ -149,7 +159,7 @@ def model_stages(args) -> None:
     figure is the median over the rounds, the run's ratio to the forward taken within each round: this VM's
     speed drifts between minutes, and interleaving makes the drift hit both sides alike."""
     n = args.samples or args.shards * args.samples_per_shard
-    image, text, stage, wall = [], [], [], []
+    image, text, windowed, stage, wall = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="shardlight-bench-") as tmp:
         tmp = Path(tmp)
         shards = write_photo_shards(tmp / "data", n, args.shards)
@@ -168,11 +178,12 @@ def model_stages(args) -> None:
         for r in range(args.rounds):
             for step in ("forward", "run") if r % 2 == 0 else ("run", "forward"):
                 if step == "forward":
-                    i, t = forward_rates(embedder, batches)
+                    i, t, w = forward_rates(embedder, batches)
                     image.append(i)
                     text.append(t)
-                    print(f"round {r + 1}: image {i:.1f}/s, text {t:.1f}/s, image+text {1 / (1 / i + 1 / t):.1f}/s",
-                          flush=True)
+                    windowed.append(w)
+                    print(f"round {r + 1}: image {i:.1f}/s, text {t:.1f}/s (windowed {w:.1f}/s), image+text "
+                          f"{1 / (1 / i + 1 / t):.1f}/s (windowed {1 / (1 / i + 1 / w):.1f}/s)", flush=True)
                 else:
                     seconds, summary = run_shardlight(config, tmp / "data", tmp / f"run-out-{r}", env)
                     stage.append(summary["images_per_s"])
@@ -181,6 +192,7 @@ def model_stages(args) -> None:
                           "embedding stage", flush=True)
         del embedder, batches
     both = [1 / (1 / i + 1 / t) for i, t in zip(image, text)]
+    both_windowed = [1 / (1 / i + 1 / w) for i, w in zip(image, windowed)]
     med = statistics.median
     stages = {f"read+decode, {workers} workers": decode_all, "image+text forward": med(both)}
     slowest = min(stages, key=stages.get)
@@ -189,13 +201,15 @@ def model_stages(args) -> None:
           f"; rounds: {args.rounds}, forward and run alternating (medians)")
     print_ratios([("read+decode, 1 worker", decode_one), (f"read+decode, {workers} workers", decode_all),
                   ("image forward", med(image)), ("text forward", med(text)), ("image+text forward", med(both)),
+                  ("text forward, windowed", med(windowed)), ("image+text forward, windowed", med(both_windowed)),
                   ("shardlight run, embedding stage", med(stage)),
                   ("shardlight run, wall clock", med(wall))], "÷ slowest", base=stages[slowest])
     print(f"slowest stage alone: {slowest}; the run's worker: {worker_line(summary)}")
     if slowest == "image+text forward" and args.rounds > 1:
-        per_round = [s / b for s, b in zip(stage, both)]
-        print("embedding stage ÷ image+text forward within each round: median "
-              f"{med(per_round):.3f} (per round {', '.join(f'{x:.3f}' for x in per_round)})")
+        for name, base in (("image+text forward", both), ("image+text forward, windowed", both_windowed)):
+            per_round = [s / b for s, b in zip(stage, base)]
+            print(f"embedding stage ÷ {name} within each round: median "
+                  f"{med(per_round):.3f} (per round {', '.join(f'{x:.3f}' for x in per_round)})")
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
 from shardlight.core.layout import read_stats, shard_done
-from tests.conftest import tar_keys
+from tests.conftest import make_samples, tar_keys, write_tar
 from workers.embed import ShardEmbedder
 
 
@@ -71,6 +71,43 @@ def test_same_shard_gives_identical_output(embedder, damaged_shards, tmp_path):
     embedder.process(str(damaged_shards["dir"] / "00000.tar"), b)
     ta, tb = pq.read_table(f"{a}/embeddings/00000.parquet"), pq.read_table(f"{b}/embeddings/00000.parquet")
     assert ta.drop_columns([]).equals(tb)
+
+
+def test_captions_embedded_across_batches_give_each_row_its_own_vector(embedder, tmp_path):
+    """Captions wait for a window of batches and run sorted by length; every row still gets open_clip's own
+    vector for its caption (77 padded tokens), in shard order, whether the window spans one batch or many."""
+    import torch
+
+    words = "a small red circle on a plain white ground beside a blue square".split()
+    samples = make_samples(13, seed=11, prefix="m")
+    for i, sample in enumerate(samples):
+        sample["txt"] = " ".join(words[: 1 + (i * 5) % len(words)] * (30 if i == 7 else 1)).encode()  # 7: > context
+    for i in (4, 9):  # no caption at all: neither a txt nor one in the json
+        del samples[i]["txt"]
+        samples[i]["json"] = b'{"status": "success"}'
+    shard = str(write_tar(tmp_path / "00000.tar", samples))
+    tables = {}
+    window = embedder.text_window
+    try:
+        for embedder.text_window in (1, 6, 1000):  # each batch alone; two batches a window; the whole shard
+            out = str(tmp_path / f"w{embedder.text_window}")
+            embedder.process(shard, out)
+            tables[embedder.text_window] = pq.read_table(f"{out}/embeddings/00000.parquet").to_pylist()
+    finally:
+        embedder.text_window = window
+    clip = embedder.clip
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(
+            [s["txt"].decode() for s in samples if "txt" in s])), dim=-1).numpy()
+    for rows in tables.values():
+        assert [r["key"] for r in rows] == [s["__key__"] for s in samples]
+        with_text = [r for r in rows if r["caption"] is not None]
+        assert [r["key"] for r in rows if r["text_embedding"] is None] == ["m0004", "m0009"]
+        np.testing.assert_allclose(np.array([r["text_embedding"] for r in with_text]), expected, atol=1e-5)
+        np.testing.assert_allclose([r["clip_score"] for r in with_text],
+                                   [np.dot(r["image_embedding"], r["text_embedding"]) for r in with_text], atol=1e-5)
+        assert [r["image_embedding"] for r in rows] == [r["image_embedding"] for r in tables[1]]
+        assert [r["label_id"] for r in rows] == [r["label_id"] for r in tables[1]]
 
 
 def test_zero_shot_labels_come_from_the_class_list(damaged_shards, tmp_path):

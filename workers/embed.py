@@ -4,6 +4,11 @@
 then turns one shard into one embeddings file and one errors file. Its decoder hands it fixed-size uint8
 batches in shard order, with the error records of the samples in between; the embeddings file is written
 last and is the shard's "done" marker.
+
+Images are embedded batch by batch; captions wait for a window of several batches (`text_window`) and are
+embedded together, sorted by length across the window, so a caption runs beside others of its length rather
+than beside its own batch's longest (docs/benchmarks.md). Rows are built when their captions are done, in
+batch order: the window changes no row, its order, or its vectors beyond float rounding.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,12 +28,26 @@ from shardlight.models.clip import ClipEmbedder
 from shardlight.models.device import pick_batch_size, pick_device, pick_dtype
 from shardlight.models.labelers import build_labeler
 from workers.cpus import apply_threads, held_cpus, model_threads
-from workers.decode import DecodedBatch, DecodeSpecs
+from workers.decode import DecodedBatch, DecodeSpecs, SampleMeta
 from workers.decoders import make_decoder
 from workers.memory import keep_freed_memory
 from workers.reader import DecodedSample, ShardReader
 from workers.reader_process import ReaderProcess
 from workers.text import TextPool, text_processes
+
+# Captions embedded together on a CPU: ~8 batches of 64 sort into buckets of nearly one length each. A GPU's
+# batch is at least this large, so there a window is one batch.
+TEXT_WINDOW = 512
+
+
+@dataclass
+class ImagesDone:
+    """One batch with its images embedded and labelled; its captions (as token ids) still to embed."""
+    samples: list[SampleMeta]
+    image_emb: np.ndarray
+    labels: object  # Labels or None
+    with_text: list[int]  # positions in `samples` that have a caption
+    tokens: torch.Tensor | None  # (len(with_text), context) token ids
 
 
 class ShardEmbedder:
@@ -40,6 +60,7 @@ class ShardEmbedder:
         self.threads = model_threads(compute, self.device, self.cpus)
         apply_threads(self.threads)
         self.batch_size = pick_batch_size(self.device, compute.batch_size)
+        self.text_window = max(TEXT_WINDOW, self.batch_size)
         self.clip = ClipEmbedder(clip, self.device)
         params = sum(p.numel() for p in self.clip.model.parameters())
         self.dtype = self.clip.dtype = pick_dtype(self.device, compute.precision, params)
@@ -82,10 +103,15 @@ class ShardEmbedder:
         fallbacks = self._fallbacks()
         batches = self.decoder.batches(reader)
         with_tokens = self.text.ahead(batches, _captions) if self.text else ((b, None) for b in batches)
+        waiting: list[ImagesDone] = []
         for batch, tokens in with_tokens:
             errors.extend(batch.errors)
             if batch.samples:
-                self._compute(batch, rows, tokens)
+                waiting.append(self._embed_images(batch, tokens))
+                if sum(len(w.with_text) for w in waiting) >= self.text_window:
+                    rows.extend(self._finish(waiting))
+                    waiting = []
+        rows.extend(self._finish(waiting))
         if reader.problem:
             errors.append(SampleError(None, reader.name, "shard", reader.problem, dropped=False))
         dropped = sum(e.dropped for e in errors)
@@ -115,30 +141,40 @@ class ShardEmbedder:
             label_px = self.labeler.transform(sample.image)
         return sample, clip_px, label_px
 
-    def _compute(self, batch: DecodedBatch, rows: list[Row], tokens=None) -> None:
-        """Embed and label one batch; `tokens`: its captions already tokenised (by the TextPool)."""
-        samples = batch.samples
+    def _embed_images(self, batch: DecodedBatch, tokens=None) -> ImagesDone:
+        """Embed and label one batch's images and tokenise its captions (unless the TextPool already did)."""
         image_emb = self.clip.embed_images(batch.clip)
-        captions = [s.raw.caption for s in samples]
+        labels = self.labeler(batch.label, image_emb) if self.labeler is not None else None
+        captions = [s.raw.caption for s in batch.samples]
         with_text = [i for i, c in enumerate(captions) if c is not None]
-        text_emb = np.zeros_like(image_emb)
-        if with_text:
-            text_emb[with_text] = self.clip.embed_tokens(tokens) if tokens is not None \
-                else self.clip.embed_texts([captions[i] for i in with_text])
-        scores = (image_emb * text_emb).sum(axis=1)
-        labels = None
-        if self.labeler is not None:
-            labels = self.labeler(batch.label, image_emb)
-        for i, s in enumerate(samples):
-            raw = s.raw
-            rows.append(Row(
-                key=raw.key, shard=raw.shard, caption=raw.caption,
-                url=raw.meta.get("url") if isinstance(raw.meta.get("url"), str) else None,
-                width=s.width, height=s.height, image_format=raw.image_format,
-                tar_offset=raw.tar_offset, tar_size=raw.tar_size, image_embedding=image_emb[i],
-                text_embedding=text_emb[i] if raw.caption is not None else None,
-                clip_score=float(scores[i]) if raw.caption is not None else None,
-                meta=raw.meta, **(labels.row(i) if labels else {})))
+        if with_text and tokens is None:
+            tokens = self.clip.tokenizer([captions[i] for i in with_text])
+        tokens = torch.as_tensor(tokens, dtype=torch.long) if with_text else None
+        return ImagesDone(batch.samples, image_emb, labels, with_text, tokens)
+
+    def _finish(self, waiting: list[ImagesDone]) -> list[Row]:
+        """Embed the captions of `waiting` together (sorted by length inside `embed_tokens`) and build their
+        rows in batch order."""
+        with_tokens = [w.tokens for w in waiting if w.tokens is not None]
+        text_all = self.clip.embed_tokens(torch.cat(with_tokens)) if with_tokens else None
+        rows, done = [], 0
+        for w in waiting:
+            text_emb = np.zeros_like(w.image_emb)
+            if w.with_text:
+                text_emb[w.with_text] = text_all[done: done + len(w.with_text)]
+                done += len(w.with_text)
+            scores = (w.image_emb * text_emb).sum(axis=1)
+            for i, s in enumerate(w.samples):
+                raw = s.raw
+                rows.append(Row(
+                    key=raw.key, shard=raw.shard, caption=raw.caption,
+                    url=raw.meta.get("url") if isinstance(raw.meta.get("url"), str) else None,
+                    width=s.width, height=s.height, image_format=raw.image_format,
+                    tar_offset=raw.tar_offset, tar_size=raw.tar_size, image_embedding=w.image_emb[i],
+                    text_embedding=text_emb[i] if raw.caption is not None else None,
+                    clip_score=float(scores[i]) if raw.caption is not None else None,
+                    meta=raw.meta, **(w.labels.row(i) if w.labels else {})))
+        return rows
 
 
 def _captions(batch: DecodedBatch) -> list[str]:
