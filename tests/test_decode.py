@@ -5,7 +5,10 @@ import os
 import pickle
 import select
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -160,10 +163,6 @@ time.sleep(120)
 
 
 def test_a_killed_worker_leaves_neither_decode_processes_nor_their_results_folder():
-    import subprocess
-    import sys
-    from pathlib import Path
-
     owner = subprocess.Popen([sys.executable, "-c", _KILLED_OWNER.format(repo=str(Path(__file__).parent.parent))],
                              stdout=subprocess.PIPE, text=True)
     try:
@@ -191,9 +190,6 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_new_worker_removes_results_folders_whose_owner_is_gone(tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
     import workers.decode as decode
 
     monkeypatch.setattr(decode.tempfile, "tempdir", str(tmp_path))

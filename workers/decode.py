@@ -139,6 +139,7 @@ class CpuDecoder:
         self.in_flight = 2 * max(1, workers) + 1
         self._pool: cf.Executor | None = None
         self._spill: str | None = None  # the decode processes' result files (workers/decode_job.py)
+        self._remove_spill: weakref.finalize | None = None  # removes it; runs once, at close or collection
         self.restarts = 0  # pool restarts (a decode process died) during the current or last shard
 
     def describe(self) -> dict:
@@ -162,9 +163,9 @@ class CpuDecoder:
         """Stop the decode workers and wait for them to exit (their semaphores are released while the process
         that made them is alive)."""
         self._drop_pool(wait=True)
-        if self._spill:
-            shutil.rmtree(self._spill, ignore_errors=True)  # results of chunks whose replies never came
-            self._spill = None
+        if self._remove_spill is not None:
+            self._remove_spill()  # results of chunks whose replies never came
+            self._spill = self._remove_spill = None
 
     def _drop_pool(self, wait: bool) -> None:
         if self._pool is not None:
@@ -268,7 +269,7 @@ class CpuDecoder:
             return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         if self._spill is None:
             self._spill = _results_folder()
-            weakref.finalize(self, shutil.rmtree, self._spill, True)  # also for a decoder never closed
+            self._remove_spill = weakref.finalize(self, shutil.rmtree, self._spill, True)  # also if never closed
         # spawn, not fork: the parent runs OpenMP threads, which a forked child must not inherit
         return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=init_worker, initargs=(self.specs, self._spill))
