@@ -35,8 +35,8 @@ from workers.reader import DecodedSample, ShardReader
 from workers.reader_process import ReaderProcess
 from workers.text import TextPool, text_processes
 
-# Captions embedded together on a CPU: ~8 batches of 64 sort into buckets of nearly one length each. A GPU's
-# batch is at least this large, so there a window is one batch.
+# Captions embedded together on a CPU: ~8 batches of 64 sort into buckets of nearly one length each. On a GPU
+# a window is one batch: there a text batch costs its kernel launches, not its padding.
 TEXT_WINDOW = 512
 
 
@@ -60,7 +60,7 @@ class ShardEmbedder:
         self.threads = model_threads(compute, self.device, self.cpus)
         apply_threads(self.threads)
         self.batch_size = pick_batch_size(self.device, compute.batch_size)
-        self.text_window = max(TEXT_WINDOW, self.batch_size)
+        self.text_window = max(TEXT_WINDOW, self.batch_size) if self.device.type == "cpu" else self.batch_size
         self.clip = ClipEmbedder(clip, self.device)
         params = sum(p.numel() for p in self.clip.model.parameters())
         self.dtype = self.clip.dtype = pick_dtype(self.device, compute.precision, params)
