@@ -26,7 +26,7 @@ from shardlight.core.layout import STATS_KEY, embeddings_path, errors_path
 from shardlight.core.schema import Row, SampleError, errors_table, rows_table, write_table
 from shardlight.models.clip import ClipEmbedder
 from shardlight.models.device import pick_batch_size, pick_device, pick_dtype
-from shardlight.models.labelers import build_labeler
+from shardlight.models.labelers import Labels, build_labeler
 from workers.cpus import apply_threads, held_cpus, model_threads
 from workers.decode import DecodedBatch, DecodeSpecs, SampleMeta
 from workers.decoders import make_decoder
@@ -45,7 +45,7 @@ class ImagesDone:
     """One batch with its images embedded and labelled; its captions (as token ids) still to embed."""
     samples: list[SampleMeta]
     image_emb: np.ndarray
-    labels: object  # Labels or None
+    labels: Labels | None
     with_text: list[int]  # positions in `samples` that have a caption
     tokens: torch.Tensor | None  # (len(with_text), context) token ids
 
