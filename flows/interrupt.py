@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shardlight.core.layout import ROW_SOURCES
+from shardlight.core.processes import alive
 from shardlight.core.storage import is_local, local_path
 
 MESSAGE = "interrupted; run the same command to resume"
@@ -53,19 +54,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def stop_descendants(grace_s: float = GRACE_S) -> None:
     """SIGTERM every descendant, then SIGKILL those still alive after `grace_s`."""
     pids = descendants(os.getpid())
@@ -74,9 +62,9 @@ def stop_descendants(grace_s: float = GRACE_S) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
-        while sig == signal.SIGTERM and any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while sig == signal.SIGTERM and any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        pids = [p for p in pids + descendants(os.getpid()) if _alive(p)]
+        pids = [p for p in pids + descendants(os.getpid()) if alive(p)]
         if not pids:
             return
 

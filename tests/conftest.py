@@ -64,6 +64,15 @@ def write_damaged_shards(root: Path, seed: int = 3) -> dict:
     return {"dir": data, "corrupt_key": "b0001", "no_caption_key": "b0002"}
 
 
+def running(pid: int) -> bool:
+    """Read from /proc, independently of the product's `shardlight.core.processes.alive`: a zombie waiting
+    to be reaped counts as gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 # What an independent reader (plain tarfile, not the pipeline's ShardReader) sees in each damaged shard:
 # sample keys whose first member header is present, and how many of them the pipeline must drop.
 DAMAGED_KEYS = {"00000": 6, "00001": 6, "00002": 0, "00003": 6}

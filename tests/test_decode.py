@@ -19,6 +19,7 @@ from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
 from shardlight.core.errors import ClusterError
 from shardlight.models.preprocess import PixelSpec
 from shardlight.training.synthetic import write_shards
+from tests.conftest import running
 from workers import decode_job
 from workers.decode import CpuDecoder, DecodeSpecs
 from workers.embed import ShardEmbedder
@@ -172,21 +173,13 @@ def test_a_killed_worker_leaves_neither_decode_processes_nor_their_results_folde
         owner.kill()  # as ray.kill or the OOM killer would: no close(), no finalizer
         owner.wait(timeout=30)
         deadline = time.monotonic() + 15
-        while (os.path.exists(folder) or any(_alive(int(p)) for p in pids)) and time.monotonic() < deadline:
+        while (os.path.exists(folder) or any(running(int(p)) for p in pids)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not os.path.exists(folder)
-        assert not any(_alive(int(p)) for p in pids)
+        assert not any(running(int(p)) for p in pids)
     finally:
         owner.kill()
         owner.stdout.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for init to reap it counts as gone
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_new_worker_removes_results_folders_whose_owner_is_gone(tmp_path, monkeypatch):

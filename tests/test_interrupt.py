@@ -14,6 +14,7 @@ import pytest
 
 from flows.interrupt import MESSAGE, descendants
 from shardlight.training.synthetic import write_shards
+from tests.conftest import running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -37,14 +38,6 @@ def _session(sid: int) -> set[int]:
         except (ProcessLookupError, PermissionError):
             pass
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _command(root: Path) -> list[str]:
@@ -82,9 +75,9 @@ def test_ctrl_c_stops_within_10s_keeps_finished_shards_and_resumes(tmp_path):
     # Processes told to stop may still be tearing down (an empty cmdline: exiting) when the command returns;
     # what must not happen is one that stays.
     settle = time.monotonic() + 10
-    while (left := [p for p in family if _alive(p)]) and time.monotonic() < settle:
+    while (left := [p for p in family if running(p)]) and time.monotonic() < settle:
         time.sleep(0.2)
-    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left if _alive(p)]
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left if running(p)]
     assert not (tmp_path / "out" / "_lease.json").exists()
     assert not list((tmp_path / "out").glob("*/.*.tmp"))
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from shardlight.core.errors import ClusterError, InputError
+from shardlight.core.processes import alive
 from shardlight.core.schema import SampleError
 from workers.decode_job import (
     DecodeSpecs,
@@ -283,16 +284,6 @@ def _results_folder() -> str:
     folders of processes that are gone (a worker killed with its decode processes leaves its folder behind)."""
     for stale in glob.glob(os.path.join(tempfile.gettempdir(), f"{_FOLDER_PREFIX}*-*")):
         owner = os.path.basename(stale)[len(_FOLDER_PREFIX):].split("-", 1)[0]
-        if owner.isdigit() and not _running(int(owner)):
+        if owner.isdigit() and not alive(int(owner)):
             shutil.rmtree(stale, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
