@@ -7,6 +7,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from shardlight.models.preprocess import PixelSpec
 from shardlight.training.synthetic import write_shards
 from tests.conftest import running
 from workers import decode_job
-from workers.decode import CpuDecoder, DecodeSpecs
+from workers.decode import CpuDecoder, DecodeSpecs, chunks, produced_ahead
 from workers.embed import ShardEmbedder
 from workers.reader import RawSample, ShardReader
 
@@ -155,7 +156,7 @@ _KILLED_OWNER = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from shardlight.models.preprocess import PixelSpec
-from workers.decode import CpuDecoder, DecodeSpecs
+from workers.decode import CpuDecoder, DecodeSpecs, chunks, produced_ahead
 decoder = CpuDecoder(DecodeSpecs(PixelSpec(16, 16, "bicubic", (0.5,) * 3, (0.5,) * 3)), workers=2)
 decoder.start()
 print(decoder._spill, *decoder.pids(), flush=True)
@@ -196,3 +197,37 @@ def test_a_new_worker_removes_results_folders_whose_owner_is_gone(tmp_path, monk
     mine = decode._results_folder()
     assert not stale.exists() and live.exists()
     assert os.path.basename(mine).startswith(f"shardlight-decode-{os.getpid()}-")
+
+
+def test_produced_ahead_keeps_order_raises_the_producers_error_after_its_items_and_stops_with_the_consumer():
+    def produce(put):
+        for i in range(5):
+            put(i)
+        raise ValueError("bad tar")
+
+    seen = []
+    with pytest.raises(ValueError, match="bad tar"):
+        for item in produced_ahead(produce, 2, "test-producer"):
+            seen.append(item)
+    assert seen == [0, 1, 2, 3, 4]
+
+    produced = []
+
+    def endless(put):
+        for i in range(10**9):
+            produced.append(i)
+            put(i)
+
+    items = produced_ahead(endless, 2, "test-endless")
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()  # the consumer stops: the producer unwinds and its thread is joined
+    assert not any(t.name == "test-endless" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1  # it ran at most `depth` (plus the one in its hand) ahead
+
+
+def test_chunks_count_images_and_carry_the_errors_between_them():
+    raw = [RawSample(key=str(i), shard="s", image=b"", image_format="jpg", caption=None, meta={},
+                     tar_offset=None, tar_size=None) for i in range(5)]
+    items = [raw[0], "err-a", raw[1], raw[2], "err-b", "err-c", raw[3], raw[4], "err-d"]
+    assert list(chunks(items, 2)) == [[raw[0], "err-a", raw[1]], [raw[2], "err-b", "err-c", raw[3]],
+                                      [raw[4], "err-d"]]

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -75,10 +75,65 @@ class Decoder(Protocol):
 
 
 class _Stopped(Exception):
-    """The consumer went away; the conductor unwinds quietly."""
+    """The consumer went away; the producer unwinds quietly."""
 
 
 _END = object()
+
+
+def produced_ahead(produce: Callable[[Callable[[object], None]], None], depth: int, name: str) -> Iterator:
+    """What `produce(put)` puts, made on a thread of its own up to `depth` items ahead of the consumer.
+
+    An exception in `produce` is raised here, in the consumer, after the items put before it; a consumer that
+    stops early (closes the iterator, or raises) makes the next `put` unwind `produce`, and the thread is
+    joined before this returns, so no thread or queue outlives the iteration."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def run() -> None:
+        try:
+            produce(put)
+            put(_END)
+        except _Stopped:
+            pass
+        except BaseException as err:  # re-raised on the consuming thread
+            try:
+                put(err)
+            except _Stopped:
+                pass
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def chunks(samples: Iterable, images: int) -> Iterator[list]:
+    """Runs of `images` images, each with the error records read between them, in the shard's order."""
+    chunk, count = [], 0
+    for item in samples:
+        chunk.append(item)
+        count += isinstance(item, RawSample)
+        if count == images:
+            yield chunk
+            chunk, count = [], 0
+    if chunk:
+        yield chunk
 
 
 class _Assembler:
@@ -174,57 +229,16 @@ class CpuDecoder:
             self._pool = None
 
     def batches(self, samples: Iterable[RawSample | SampleError]) -> Iterator[DecodedBatch]:
-        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def put(item) -> None:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
-            raise _Stopped
-
-        def conduct() -> None:
-            try:
-                self._conduct(samples, put)
-                put(_END)
-            except _Stopped:
-                pass
-            except BaseException as err:  # re-raised on the consuming thread
-                try:
-                    put(err)
-                except _Stopped:
-                    pass
-
-        thread = threading.Thread(target=conduct, name="decode-conductor", daemon=True)
-        thread.start()
-        try:
-            while (item := ready.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join()
+        return produced_ahead(lambda put: self._conduct(samples, put), self.prefetch, "decode-conductor")
 
     def _conduct(self, samples: Iterable, put) -> None:
         assembler = _Assembler(self.batch_size, self.pin_memory, put)
         self.restarts = 0
         outstanding: deque = deque()  # [chunk, future] in shard order
-        chunk: list = []
-        images = 0
-        for item in samples:
-            chunk.append(item)
-            images += isinstance(item, RawSample)
-            if images == self.chunk:
-                outstanding.append([chunk, self._submit(chunk)])
-                chunk, images = [], 0
-                while len(outstanding) > self.in_flight:
-                    self._collect(outstanding, assembler)
-        if chunk:
+        for chunk in chunks(samples, self.chunk):
             outstanding.append([chunk, self._submit(chunk)])
+            while len(outstanding) > self.in_flight:
+                self._collect(outstanding, assembler)
         while outstanding:
             self._collect(outstanding, assembler)
         assembler.finish()

@@ -29,8 +29,6 @@
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +41,7 @@ from shardlight.core.config import ComputeSpec
 from shardlight.core.errors import InputError
 from shardlight.core.schema import SampleError
 from shardlight.models.preprocess import PixelSpec, resized_size
-from workers.decode import CpuDecoder, DecodedBatch, _Assembler
+from workers.decode import CpuDecoder, DecodedBatch, _Assembler, chunks, produced_ahead
 from workers.decode_job import DecodeSpecs, decode_one
 from workers.reader import RawSample
 
@@ -177,54 +175,6 @@ def nvimgcodec_available() -> bool:
     return True
 
 
-def _chunks(samples: Iterable, size: int) -> Iterator[list]:
-    """Runs of `size` images (with the error records read between them) from the shard's samples."""
-    chunk, images = [], 0
-    for item in samples:
-        chunk.append(item)
-        images += isinstance(item, RawSample)
-        if images == size:
-            yield chunk
-            chunk, images = [], 0
-    if chunk:
-        yield chunk
-
-
-def _ahead(items: Iterator, depth: int, stop: threading.Event) -> Iterator:
-    """`items` produced on a thread up to `depth` ahead (here: reading the tar while the GPU decodes)."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False  # the consumer stopped
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(end)
-        except BaseException as err:  # re-raised on the decode thread
-            put(err)
-
-    thread = threading.Thread(target=produce, name="decode-read", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
 def _geometry(spec: PixelSpec) -> tuple:
     return spec.resize, spec.size, spec.interpolation
 
@@ -273,8 +223,12 @@ class GpuDecoder(CpuDecoder):
 
     def _conduct(self, samples: Iterable, put) -> None:
         assembler = _Assembler(self.batch_size, False, self._handing_over(put))
-        stop = threading.Event()
-        reads = _ahead(_chunks(samples, self.batch_size), 2, stop)
+
+        def read(give) -> None:  # the tar is read on a thread while the GPU decodes
+            for chunk in chunks(samples, self.batch_size):
+                give(chunk)
+
+        reads = produced_ahead(read, 2, "decode-read")
         try:
             with torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext():
                 for chunk in reads:
