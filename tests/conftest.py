@@ -14,12 +14,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import io  # noqa: E402
 import random  # noqa: E402
+import sys  # noqa: E402
 import tarfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from shardlight.training.synthetic import sample, write_shards  # noqa: E402
+
+SHARDLIGHT = str(Path(sys.executable).with_name("shardlight"))  # the CLI of the environment running the tests
+# A small `shardlight run` on the demo models, for the tests that stop and resume runs of the CLI
+SMALL_RUN_CONFIG = """
+clip: {model: shapes-clip}
+labels: {kind: vit, model: shapes-vit, top_k: 2}
+compute: {batch_size: 16}
+ray: {num_cpus: 2, num_actors: 1}
+"""
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -128,7 +138,6 @@ def augmented_cli_run(tmp_path_factory):
     shipped demo models, a few DiT images per shard. Yields (OUT, the finished process with its stdout/stderr).
     For the tests that read an output as users do (tests/test_analyst_reads.py) and check what a run prints."""
     import subprocess
-    import sys
 
     import yaml
 
@@ -148,8 +157,7 @@ def augmented_cli_run(tmp_path_factory):
     }
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "COLUMNS": "200"}
-    shardlight = str(Path(sys.executable).with_name("shardlight"))
-    done = subprocess.run([shardlight, "run", str(root / "run.yaml"), "-i", str(root / "data"), "-o", str(root / "out")],
+    done = subprocess.run([SHARDLIGHT, "run", str(root / "run.yaml"), "-i", str(root / "data"), "-o", str(root / "out")],
                           capture_output=True, text=True, timeout=800, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "out", done

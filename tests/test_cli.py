@@ -3,13 +3,11 @@
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SHARDLIGHT = str(Path(sys.executable).with_name("shardlight"))
+from tests.conftest import SHARDLIGHT
 
 
 def run_cli(*args, cwd=None, timeout=120):

@@ -5,7 +5,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,17 +13,10 @@ import pytest
 
 from flows.interrupt import MESSAGE, descendants
 from shardlight.training.synthetic import write_shards
-from tests.conftest import running
+from tests.conftest import SHARDLIGHT, SMALL_RUN_CONFIG, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SHARDLIGHT = str(Path(sys.executable).with_name("shardlight"))
-CONFIG = """
-clip: {model: shapes-clip}
-labels: {kind: vit, model: shapes-vit, top_k: 2}
-compute: {batch_size: 16}
-ray: {num_cpus: 2, num_actors: 1}
-"""
 SHARDS, SAMPLES = 4, 96
 
 
@@ -46,7 +38,7 @@ def _command(root: Path) -> list[str]:
 
 def test_ctrl_c_stops_within_10s_keeps_finished_shards_and_resumes(tmp_path):
     write_shards(tmp_path / "data", shards=SHARDS, samples_per_shard=SAMPLES, seed=61)
-    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    (tmp_path / "cfg.yaml").write_text(SMALL_RUN_CONFIG)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "COLUMNS": "200"}
     log = (tmp_path / "stderr.txt").open("w")
     proc = subprocess.Popen(_command(tmp_path), env=env, start_new_session=True, stdout=subprocess.DEVNULL,

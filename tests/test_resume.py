@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,23 +12,17 @@ import pytest
 
 from index.search import Searcher
 from shardlight.training.synthetic import write_shards
+from tests.conftest import SHARDLIGHT, SMALL_RUN_CONFIG
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SHARDLIGHT = str(Path(sys.executable).with_name("shardlight"))
-CONFIG = """
-clip: {model: shapes-clip}
-labels: {kind: vit, model: shapes-vit, top_k: 2}
-compute: {batch_size: 16}
-ray: {num_cpus: 2, num_actors: 1}
-"""
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     write_shards(root / "data", shards=5, samples_per_shard=120, seed=41)
-    (root / "cfg.yaml").write_text(CONFIG)
+    (root / "cfg.yaml").write_text(SMALL_RUN_CONFIG)
     return root
 
 
