@@ -16,26 +16,7 @@ export HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python}
 START=$SECONDS
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  $PY -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 \
-    || { echo "wheel install failed:"; tail -5 "$OUT/pip.log"; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1
-  nproc
-  $PY - <<'EOF'
-import torch, torchvision
-print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.cuda.is_available())
-for name in ("open_clip", "webdataset", "pydantic", "nvidia.nvimgcodec"):
-    try:
-        module = __import__(name, fromlist=["_"])
-        print(name, getattr(module, "__version__", "ok"))
-    except Exception as err:
-        print(name, "NOT AVAILABLE:", type(err).__name__, err)
-EOF
-} 2>&1 | tee "$OUT/env.log"
+source bench/gpu_env.sh  # wheels, PYTHONPATH, $OUT/env.log
 
 echo "== GPU tests ($((SECONDS - START)) s)"
 timeout 180 $PY -m pytest -m gpu -q -p no:cacheprovider -rA \

@@ -16,27 +16,7 @@ PY=${PYTHON:-python3}
 START=$SECONDS
 MINI_BUDGET_S=${MINI_BUDGET_S:-270}
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > /tmp/pip.log 2>&1 \
-    || { echo "wheel install failed:"; tail -5 /tmp/pip.log; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1
-  echo "cpus: $(nproc)"
-  $PY - <<'EOF'
-import torch, torchvision
-print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.cuda.is_available())
-for name in ("open_clip", "webdataset", "pydantic", "nvidia.nvimgcodec"):
-    try:
-        module = __import__(name, fromlist=["_"])
-        print(name, getattr(module, "__version__", "ok"))
-    except Exception as err:
-        print(name, "NOT AVAILABLE:", type(err).__name__, err)
-EOF
-} > "$OUT/env.log" 2>&1
-cat "$OUT/env.log"
+source bench/gpu_env.sh  # wheels, PYTHONPATH, $OUT/env.log
 
 echo "== 1. GPU data path benchmark, alone on the GPU ($((SECONDS - START)) s)"
 timeout 210 $PY bench/gpu_pipeline.py --budget-s 100 --rounds 2 --processes 2 ${BENCH_ARGS:-} > "$OUT/gpu_pipeline.log" 2>&1
