@@ -17,6 +17,7 @@ from index_helpers import make_real_run, running_server  # noqa: E402
 from index.search import Searcher  # noqa: E402
 from index.service.http_common import Limits, ServerSettings  # noqa: E402
 from index.service.server import create_app  # noqa: E402
+from tests.conftest import SHARDLIGHT  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 
@@ -245,12 +246,10 @@ def test_serve_command_binds_a_free_port_reports_it_and_refuses_requests_without
     import re
     import signal
     import subprocess
-    import sys
     import threading
-    from pathlib import Path
+    import time
 
-    shardlight = str(Path(sys.executable).with_name("shardlight"))
-    proc = subprocess.Popen([shardlight, "serve", str(run_out), "--port", "0", "--api-key", "s3cret"],
+    proc = subprocess.Popen([SHARDLIGHT, "serve", str(run_out), "--port", "0", "--api-key", "s3cret"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "COLUMNS": "200"})
     lines: queue.Queue = queue.Queue()
@@ -267,7 +266,11 @@ def test_serve_command_binds_a_free_port_reports_it_and_refuses_requests_without
         ok = requests.get(f"{base}/search", params={"text": "a red circle", "k": 3}, headers={"X-API-Key": "s3cret"},
                           timeout=60)
         assert ok.status_code == 200 and len(ok.json()["results"]) == 3
-        assert requests.get(f"{base}/health", timeout=30).status_code == 200
+        # ready once the warm-up thread has loaded CLIP, which on a loaded machine may finish after the search
+        deadline = time.monotonic() + 60
+        while (health := requests.get(f"{base}/health", timeout=30)).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health.status_code == 200, health.text
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down cleanly
         try:
