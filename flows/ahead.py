@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 import ray
 
+from flows.console import install_console_filters
 from flows.lease import OutputLease
 from shardlight.core.config import RunConfig
 from shardlight.core.layout import stages_todo
@@ -65,6 +66,7 @@ def _start_prefect_server() -> threading.Thread | None:
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return None
+    install_console_filters()  # before the server's first log line, which the thread may write at once
 
     def start() -> None:
         from prefect.server.api.server import SubprocessASGIServer

@@ -31,6 +31,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
+from flows.console import install_console_filters  # noqa: E402
 from flows.index_build import build_on_ray, update_on_ray  # noqa: E402
 from flows.lease import OutputLease  # noqa: E402
 from flows.report.build import build_report  # noqa: E402
@@ -56,32 +57,7 @@ from workers.shard_worker import process_shards  # noqa: E402
 log = logging.getLogger("shardlight")
 
 
-class _OneLineErrors(logging.Filter):
-    """Expected failures (ShardlightError) are logged as their message, without a traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ShardlightError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-for _name in ("prefect.task_runs", "prefect.flow_runs"):
-    logging.getLogger(_name).addFilter(_OneLineErrors())
-
-
-class _NoDocsLinks(logging.Filter):
-    """Prefect's "Starting temporary server on URL" comes with a second line, "See https://… for more
-    information on running a dedicated Prefect server": advice for Prefect users that splits the console
-    (and the progress bar after it). The first line is kept; README.md says how to use a running server."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "\nSee https://" in message:
-            record.msg, record.args = message.split("\nSee https://", 1)[0], ()
-        return True
-
-
-logging.getLogger("prefect").addFilter(_NoDocsLinks())  # the logger Prefect's temporary server logs with
+install_console_filters()
 
 
 def send_logs_to_prefect() -> None:
