@@ -60,11 +60,16 @@ def started_ahead(cfg: RunConfig) -> Iterator[None]:
             ray.shutdown()
 
 
-def _start_prefect_server() -> threading.Thread | None:
-    """Start the temporary Prefect server the flow would start, in a thread; None when the flow would not."""
+def _flow_starts_a_server() -> bool:
+    """Whether the flow would start Prefect's temporary server: no server configured, temporary ones allowed."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    return not PREFECT_API_URL.value() and bool(PREFECT_SERVER_EPHEMERAL_ENABLED.value())
+
+
+def _start_prefect_server() -> threading.Thread | None:
+    """Start the temporary Prefect server the flow would start, in a thread; None when the flow would not."""
+    if not _flow_starts_a_server():
         return None
     install_console_filters()  # before the server's first log line, which the thread may write at once
 
