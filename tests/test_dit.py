@@ -65,7 +65,7 @@ def test_every_registered_size_has_the_paper_shape(name):
         assert abs(params - PAPER_PARAMS_M[size]) / PAPER_PARAMS_M[size] < 0.03, params
 
 
-@pytest.mark.parametrize("name", ["DiT-Tiny/2", "DiT-Tiny/4", "DiT-S/2", "DiT-S/8", "DiT-B/4"])
+@pytest.mark.parametrize("name", ["DiT-Tiny/1", "DiT-Tiny/2", "DiT-Tiny/4", "DiT-S/2", "DiT-S/8", "DiT-B/4"])
 def test_forward_on_small_inputs(name):
     torch.manual_seed(0)
     model = build_dit(name, input_size=16, in_channels=3, num_classes=7, learn_sigma=False).eval()

@@ -254,16 +254,18 @@ DiT_XL_2, DiT_XL_4, DiT_XL_8 = (_factory("XL", p) for p in (2, 4, 8))
 DiT_L_2, DiT_L_4, DiT_L_8 = (_factory("L", p) for p in (2, 4, 8))
 DiT_B_2, DiT_B_4, DiT_B_8 = (_factory("B", p) for p in (2, 4, 8))
 DiT_S_2, DiT_S_4, DiT_S_8 = (_factory("S", p) for p in (2, 4, 8))
-DiT_Mini_2, DiT_Mini_4, DiT_Mini_8 = (_factory("Mini", p) for p in (2, 4, 8))
-DiT_Tiny_2, DiT_Tiny_4, DiT_Tiny_8 = (_factory("Tiny", p) for p in (2, 4, 8))
+# Patch 1 for the demo sizes only: on the demo autoencoder's 16x16 latents it gives the 256 tokens patch 2 gives on
+# 32x32 pixels (docs/dit.md).
+DiT_Mini_1, DiT_Mini_2, DiT_Mini_4, DiT_Mini_8 = (_factory("Mini", p) for p in (1, 2, 4, 8))
+DiT_Tiny_1, DiT_Tiny_2, DiT_Tiny_4, DiT_Tiny_8 = (_factory("Tiny", p) for p in (1, 2, 4, 8))
 
 DIT_MODELS = {
     "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
     "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
     "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
     "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
-    "DiT-Mini/2": DiT_Mini_2, "DiT-Mini/4": DiT_Mini_4, "DiT-Mini/8": DiT_Mini_8,
-    "DiT-Tiny/2": DiT_Tiny_2, "DiT-Tiny/4": DiT_Tiny_4, "DiT-Tiny/8": DiT_Tiny_8,
+    "DiT-Mini/1": DiT_Mini_1, "DiT-Mini/2": DiT_Mini_2, "DiT-Mini/4": DiT_Mini_4, "DiT-Mini/8": DiT_Mini_8,
+    "DiT-Tiny/1": DiT_Tiny_1, "DiT-Tiny/2": DiT_Tiny_2, "DiT-Tiny/4": DiT_Tiny_4, "DiT-Tiny/8": DiT_Tiny_8,
 }
 
 
