@@ -173,7 +173,7 @@ def precision(args) -> None:
         print(f"{name}: cosine image min {cos_img.min():.4f} text min {cos_txt.min():.4f}; "
               f"label agreement {agree:.3f}")
         interleaved({f"{name} fp32": lambda: timed(len(px), lambda: forward(torch.float32)),
-                     f"{name} bf16 autocast": lambda: timed(len(px), lambda: forward(torch.bfloat16))}, args.rounds)
+                     f"{name} bf16": lambda: timed(len(px), lambda: forward(torch.bfloat16))}, args.rounds)
 
 
 def _shapes(n: int) -> list[dict]:

@@ -164,7 +164,7 @@ def model_stages(args) -> None:
         tmp = Path(tmp)
         shards = write_photo_shards(tmp / "data", n, args.shards)
         weights = write_random_clip(args.model, tmp / f"{args.model}-random.safetensors")
-        config = write_run_config(tmp / "run.yaml", args.model, weights, args.batch_size)
+        config = write_run_config(tmp / "run.yaml", args.model, weights, args.batch_size, args.precision)
         cfg = load_config(config)
         embedder = ShardEmbedder(cfg.clip, cfg.labels, cfg.compute)
         workers = min(os.cpu_count() or 1, args.shards)
@@ -223,6 +223,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="--model: the run's and the forward's batch")
     parser.add_argument("--rounds", type=int, default=1,
                         help="--model: alternate the bare forward and the run this many times (medians)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="--model: compute.precision of the run and the forward (auto: bf16 weights for a "
+                             "large CLIP on a CPU with native bf16)")
     args = parser.parse_args()
     if args.model:
         model_stages(args)

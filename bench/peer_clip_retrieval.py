@@ -141,6 +141,9 @@ def main() -> None:
     parser.add_argument("--peer-workers", type=int, default=2, help="clip-retrieval's DataLoader workers")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights)")
     parser.add_argument("--peer-venv", type=Path, help="build clip-retrieval's venv here once and reuse it")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="shardlight's compute.precision (auto: bf16 on a CPU with native bf16; the peer "
+                             "runs float32 on a CPU)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="shardlight-peer-") as tmp:
@@ -148,7 +151,8 @@ def main() -> None:
         peer = ensure_peer_venv((args.peer_venv or tmp / "peer-venv").resolve())
         shards = write_photo_shards(tmp / "data", args.samples, args.shards)
         weights = write_random_clip(args.model, tmp / f"{args.model}-random.safetensors")
-        work = Workload(tmp, shards, weights, write_run_config(tmp / "run.yaml", args.model, weights, args.batch_size),
+        work = Workload(tmp, shards, weights, write_run_config(tmp / "run.yaml", args.model, weights, args.batch_size,
+                                         args.precision),
                         peer, bench_env(tmp))
         prime_prefect(work.env)
         results = {tool: {"wall": [], "loop": []} for tool in ("shardlight", "clip-retrieval")}

@@ -129,3 +129,20 @@ def test_towers_that_see_the_padding_keep_the_full_context(shipped):
         assert not _cuts_text(model, shipped.tokenizer)
     finally:
         model.attn_mask = mask
+
+
+def test_cpu_bf16_runs_bf16_weights_close_to_float32(shipped, one_torch_thread):
+    """CPU bf16 is bf16 weights without autocast (clip.py's note): parameters stay trainable-looking so the
+    attention's input projection folds into one product; vectors stay within bf16 rounding of float32."""
+    half = ClipEmbedder(SHIPPED_CLIP, CPU, torch.bfloat16)
+    params = list(half.model.parameters())
+    assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in params)
+    assert half.logit_scale == shipped.logit_scale  # taken before the cast
+    images = _images()
+    uint8 = torch.stack([torch.from_numpy(to_uint8(im, shipped.pixel_spec)) for im in images])
+    floats = torch.stack([shipped.preprocess(im) for im in images])
+    for got in (half.embed_images(uint8), half.embed_images(floats)):
+        assert got.dtype == np.float32
+        assert float((got * shipped.embed_images(uint8)).sum(1).min()) > 0.999
+    texts = half.embed_texts(CAPTIONS)
+    assert float((texts * shipped.embed_texts(CAPTIONS)).sum(1).min()) > 0.999

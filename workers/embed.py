@@ -63,7 +63,8 @@ class ShardEmbedder:
         self.text_window = max(TEXT_WINDOW, self.batch_size) if self.device.type == "cpu" else self.batch_size
         self.clip = ClipEmbedder(clip, self.device)
         params = sum(p.numel() for p in self.clip.model.parameters())
-        self.dtype = self.clip.dtype = pick_dtype(self.device, compute.precision, params)
+        self.dtype = pick_dtype(self.device, compute.precision, params)
+        self.clip.use_dtype(self.dtype)
         self.labeler = build_labeler(labels, self.device, self.dtype, self.clip)
         self.top_k = labels.top_k
         self.decoder = make_decoder(compute, self.device, self._specs(compute), self.cpus, self.batch_size)

@@ -1,10 +1,17 @@
 """The CLIP adapter: an open_clip model by name plus weights, its eval transform and tokenizer.
 
-Vectors come back L2-normalised float32 on the CPU, whatever the device and autocast dtype. Images come as
+Vectors come back L2-normalised float32 on the CPU, whatever the device and dtype. Images come as
 uint8 batches (normalised here, on the model's device, from `pixel_spec`) or as already-normalised floats.
 Captions run at their real length where that gives the same vectors as open_clip's padded 77 tokens (see
 `_cuts_text`): sorted by length into buckets, each cut to its longest caption; any other text tower gets the
 full context.
+
+Precision (`use_dtype`): on a GPU a lower dtype runs under autocast over float32 weights. On a CPU, bf16 is
+bf16 weights without autocast: under autocast torch leaves open_clip's attention on its slow path, whose input
+projection takes a transposed activation and a freshly cast (so frozen) weight, and at::matmul then expands
+that weight once per token position into a batched product; bf16 weights that keep `requires_grad` fold
+into one matrix product instead (measured: docs/benchmarks.md, "bf16 weights on an AMX CPU"). The
+parameters are therefore never frozen here; inference_mode keeps autograd out of the way.
 """
 
 from __future__ import annotations
@@ -57,15 +64,23 @@ class ClipEmbedder:
         self.tokenizer = open_clip.get_tokenizer(spec.model)
         self.pixel_spec = spec_or_none(preprocess)
         self.cuts_text = _cuts_text(self.model, self.tokenizer)
-        self.device, self.dtype = device, dtype
+        self.device = device
+        self._logit_scale = float(self.model.logit_scale.exp().item())  # before any cast rounds it
+        self.use_dtype(dtype)
         self.dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
             else int(self.model.visual.output_dim)
+
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        """Run in `dtype` from now on (see the module's note on CPU bf16)."""
+        self.dtype = dtype
+        weights = dtype if self.device.type == "cpu" and dtype == torch.bfloat16 else torch.float32
+        self.model.to(weights)
 
     @torch.inference_mode()
     def embed_images(self, pixels: torch.Tensor) -> np.ndarray:
         """(N, 3, S, S) uint8 (normalised here by `pixel_spec`) or float pixels -> (N, dim) unit vectors."""
         pixels = device_pixels(pixels, self.pixel_spec, self.model, self.device)
-        with autocast(self.device, self.dtype):
+        with self._precision():
             feats = self.model.encode_image(pixels)
         return F.normalize(feats.float(), dim=-1).cpu().numpy()
 
@@ -77,7 +92,7 @@ class ClipEmbedder:
     def embed_tokens(self, tokens: torch.Tensor) -> np.ndarray:
         """Token ids from `self.tokenizer` (tokenised elsewhere, e.g. in helper processes) -> unit vectors."""
         tokens = torch.as_tensor(tokens, dtype=torch.long)
-        with autocast(self.device, self.dtype):
+        with self._precision():
             if self.cuts_text:
                 feats = self._encode_text_buckets(tokens)
             else:
@@ -114,9 +129,14 @@ class ClipEmbedder:
             return x
         return m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
 
+    def _precision(self):
+        """Autocast where the weights are float32 and the dtype is lower; nothing where they are the dtype."""
+        return autocast(self.device, self.dtype) if next(self.model.parameters()).dtype != self.dtype \
+            else contextlib.nullcontext()
+
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp().item())
+        return self._logit_scale
 
 
 
@@ -134,7 +154,7 @@ def device_pixels(pixels: torch.Tensor, spec: PixelSpec | None, model: torch.nn.
     """Pixels on the model's device, normalised there (in the model's dtype) when they come as uint8."""
     pixels = pixels.to(device, non_blocking=True)
     if pixels.dtype != torch.uint8:
-        return pixels
+        return pixels.to(next(model.parameters()).dtype)
     if spec is None:
         raise ModelLoadError("uint8 pixels for a model whose transform has no PixelSpec")
     return normalize(pixels, spec, next(model.parameters()).dtype)

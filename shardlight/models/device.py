@@ -15,8 +15,9 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda")
 
 
-# CPU bf16 autocast pays only with native bf16 matrix units and a model big enough to be matmul-bound;
-# agreement with fp32 was measured for ViT-B-32 and the demo models (docs/benchmarks.md, "bf16 on CPUs").
+# CPU bf16 pays only with native bf16 matrix units, and most for a model big enough to be matmul-bound (the
+# CLIP then runs bf16 weights: models/clip.py); speed and agreement with fp32 for ViT-B-32 and the demo models
+# are in docs/benchmarks.md ("bf16 weights on an AMX CPU").
 CPU_BF16_MIN_PARAMS = 50_000_000
 
 
