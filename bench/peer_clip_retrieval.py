@@ -151,9 +151,8 @@ def main() -> None:
         peer = ensure_peer_venv((args.peer_venv or tmp / "peer-venv").resolve())
         shards = write_photo_shards(tmp / "data", args.samples, args.shards)
         weights = write_random_clip(args.model, tmp / f"{args.model}-random.safetensors")
-        work = Workload(tmp, shards, weights, write_run_config(tmp / "run.yaml", args.model, weights, args.batch_size,
-                                         args.precision),
-                        peer, bench_env(tmp))
+        config = write_run_config(tmp / "run.yaml", args.model, weights, args.batch_size, args.precision)
+        work = Workload(tmp, shards, weights, config, peer, bench_env(tmp))
         prime_prefect(work.env)
         results = {tool: {"wall": [], "loop": []} for tool in ("shardlight", "clip-retrieval")}
         for r in range(args.rounds):

@@ -57,10 +57,15 @@ def test_clip_and_vit_transforms_split_exactly(shipped, vit_b32):
     assert shipped.pixel_spec and vit_b32.pixel_spec.size == 224 and labeler.pixel_spec
 
 
-def test_uint8_and_float_batches_embed_alike(shipped):
+def _uint8_and_float_batches(clip):
+    """The same images as the uint8 batch the decoder hands over and as the model's own float transform."""
     images = _images()
-    floats = torch.stack([shipped.preprocess(im) for im in images])
-    uint8 = torch.stack([torch.from_numpy(to_uint8(im, shipped.pixel_spec)) for im in images])
+    uint8 = torch.stack([torch.from_numpy(to_uint8(im, clip.pixel_spec)) for im in images])
+    return uint8, torch.stack([clip.preprocess(im) for im in images])
+
+
+def test_uint8_and_float_batches_embed_alike(shipped):
+    uint8, floats = _uint8_and_float_batches(shipped)
     np.testing.assert_allclose(shipped.embed_images(uint8), shipped.embed_images(floats), atol=1e-6)
 
 
@@ -138,11 +143,10 @@ def test_cpu_bf16_runs_bf16_weights_close_to_float32(shipped, one_torch_thread):
     params = list(half.model.parameters())
     assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in params)
     assert half.logit_scale == shipped.logit_scale  # taken before the cast
-    images = _images()
-    uint8 = torch.stack([torch.from_numpy(to_uint8(im, shipped.pixel_spec)) for im in images])
-    floats = torch.stack([shipped.preprocess(im) for im in images])
+    uint8, floats = _uint8_and_float_batches(shipped)
+    expected = shipped.embed_images(uint8)
     for got in (half.embed_images(uint8), half.embed_images(floats)):
         assert got.dtype == np.float32
-        assert float((got * shipped.embed_images(uint8)).sum(1).min()) > 0.999
+        assert float((got * expected).sum(1).min()) > 0.999
     texts = half.embed_texts(CAPTIONS)
     assert float((texts * shipped.embed_texts(CAPTIONS)).sum(1).min()) > 0.999
