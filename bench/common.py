@@ -113,12 +113,14 @@ def write_random_clip(model: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_run_config(path: Path, model: str, weights: Path, batch_size: int, precision: str = "auto") -> Path:
+def write_run_config(path: Path, model: str, weights: Path, batch_size: int, precision: str = "auto",
+                     decode_schedule: str = "auto") -> Path:
     """A `shardlight run` config: this CLIP, image and text embeddings only (no labels, index or augmentation)."""
     import yaml
 
+    compute = {"batch_size": batch_size, "precision": precision, "decode_schedule": decode_schedule}
     config = {"clip": {"model": model, "pretrained": str(weights)}, "labels": {"kind": "none"},
-              "compute": {"batch_size": batch_size, "precision": precision}, "index": {"build": False},
+              "compute": compute, "index": {"build": False},
               "augment": {"enabled": False}}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

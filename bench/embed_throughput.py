@@ -2,6 +2,7 @@
 
     python bench/embed_throughput.py [--config configs/demo.yaml] [--shards 4] [--samples-per-shard 256]
     python bench/embed_throughput.py --model ViT-B-32 [--samples 1024] [--batch-size 64] [--rounds 2]
+        [--precision auto|fp32|bf16] [--decode-schedule auto|beside|between ...]
 
 With a config (default: the demo's models), prints images/s for:
   forward     CLIP image+text forward and the labeler on pre-decoded, pre-transformed tensors
@@ -23,7 +24,7 @@ whole `shardlight run` of that model (image + text, no labels, no index), as a r
                 the run ÷ this forward is what the pipeline around the model costs
   run           `shardlight run` in a fresh process, wall clock (Prefect server, Ray, model load included;
                 the Prefect database is created before, untimed), and its embedding stage's rate from the
-                run summary
+                run summary; with several --decode-schedule values, one run of each per round
 """
 
 from __future__ import annotations
@@ -159,24 +160,31 @@ def model_stages(args) -> None:
     figure is the median over the rounds, the run's ratio to the forward taken within each round: this VM's
     speed drifts between minutes, and interleaving makes the drift hit both sides alike."""
     n = args.samples or args.shards * args.samples_per_shard
-    image, text, windowed, stage, wall = [], [], [], [], []
+    schedules = args.decode_schedule
+    image, text, windowed = [], [], []
+    stage: dict[str, list[float]] = {s: [] for s in schedules}
+    wall: dict[str, list[float]] = {s: [] for s in schedules}
+    workers_seen: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="shardlight-bench-") as tmp:
         tmp = Path(tmp)
         shards = write_photo_shards(tmp / "data", n, args.shards)
         weights = write_random_clip(args.model, tmp / f"{args.model}-random.safetensors")
-        config = write_run_config(tmp / "run.yaml", args.model, weights, args.batch_size, args.precision)
-        cfg = load_config(config)
+        configs = {s: write_run_config(tmp / f"run-{s}.yaml", args.model, weights, args.batch_size, args.precision, s)
+                   for s in schedules}
+        cfg = load_config(configs[schedules[0]])
         embedder = ShardEmbedder(cfg.clip, cfg.labels, cfg.compute)
         workers = min(os.cpu_count() or 1, args.shards)
         decode_one = decode_rate(shards, embedder.clip.preprocess, 1)
         decode_all = decode_rate(shards, embedder.clip.preprocess, workers)
         threads = torch.get_num_threads()
         batches, tokens = forward_batches(embedder, shards)
-        describe = ", ".join(f"{k} {v}" for k, v in embedder.describe().items() if k != "dim")
+        describe = ", ".join(f"{k} {v}" for k, v in embedder.describe().items()
+                             if k not in ("dim",) and not k.startswith("decode"))
         env = bench_env(tmp)
         prime_prefect(env)
         for r in range(args.rounds):
-            for step in ("forward", "run") if r % 2 == 0 else ("run", "forward"):
+            steps = ["forward", *schedules[r % len(schedules):], *schedules[:r % len(schedules)]]
+            for step in steps if r % 2 == 0 else steps[::-1]:
                 if step == "forward":
                     i, t, w = forward_rates(embedder, batches)
                     image.append(i)
@@ -185,11 +193,13 @@ def model_stages(args) -> None:
                     print(f"round {r + 1}: image {i:.1f}/s, text {t:.1f}/s (windowed {w:.1f}/s), image+text "
                           f"{1 / (1 / i + 1 / t):.1f}/s (windowed {1 / (1 / i + 1 / w):.1f}/s)", flush=True)
                 else:
-                    seconds, summary = run_shardlight(config, tmp / "data", tmp / f"run-out-{r}", env)
-                    stage.append(summary["images_per_s"])
-                    wall.append(summary["rows"] / seconds)
-                    print(f"round {r + 1}: shardlight run {wall[-1]:.1f}/s wall clock, {stage[-1]:.1f}/s in its "
-                          "embedding stage", flush=True)
+                    out = tmp / f"run-out-{r}-{step}"
+                    seconds, summary = run_shardlight(configs[step], tmp / "data", out, env)
+                    stage[step].append(summary["images_per_s"])
+                    wall[step].append(summary["rows"] / seconds)
+                    workers_seen[step] = worker_line(summary)
+                    print(f"round {r + 1}: shardlight run (decode {step}) {wall[step][-1]:.1f}/s wall clock, "
+                          f"{stage[step][-1]:.1f}/s in its embedding stage", flush=True)
         del embedder, batches
     both = [1 / (1 / i + 1 / t) for i, t in zip(image, text)]
     both_windowed = [1 / (1 / i + 1 / w) for i, w in zip(image, windowed)]
@@ -198,18 +208,24 @@ def model_stages(args) -> None:
     slowest = min(stages, key=stages.get)
     print(f"\n{machine()}; {args.model} random weights ({describe}, {threads} torch threads); {n} images of "
           f"256 px in {args.shards} shards; caption tokens median {statistics.median(tokens):.0f}, max {max(tokens)}"
-          f"; rounds: {args.rounds}, forward and run alternating (medians)")
+          f"; rounds: {args.rounds}, forward and runs alternating (medians)")
+    runs = []
+    for s in schedules:
+        runs += [(f"shardlight run ({s}), embedding stage", med(stage[s])),
+                 (f"shardlight run ({s}), wall clock", med(wall[s]))]
     print_ratios([("read+decode, 1 worker", decode_one), (f"read+decode, {workers} workers", decode_all),
                   ("image forward", med(image)), ("text forward", med(text)), ("image+text forward", med(both)),
                   ("text forward, windowed", med(windowed)), ("image+text forward, windowed", med(both_windowed)),
-                  ("shardlight run, embedding stage", med(stage)),
-                  ("shardlight run, wall clock", med(wall))], "÷ slowest", base=stages[slowest])
-    print(f"slowest stage alone: {slowest}; the run's worker: {worker_line(summary)}")
+                  *runs], "÷ slowest", base=stages[slowest])
+    print(f"slowest stage alone: {slowest}")
+    for s in schedules:
+        print(f"the run's worker (decode {s}): {workers_seen[s]}")
     if slowest == "image+text forward" and args.rounds > 1:
-        for name, base in (("image+text forward", both), ("image+text forward, windowed", both_windowed)):
-            per_round = [s / b for s, b in zip(stage, base)]
-            print(f"embedding stage ÷ {name} within each round: median "
-                  f"{med(per_round):.3f} (per round {', '.join(f'{x:.3f}' for x in per_round)})")
+        for s in schedules:
+            for name, base in (("image+text forward", both), ("image+text forward, windowed", both_windowed)):
+                per_round = [x / b for x, b in zip(stage[s], base)]
+                print(f"embedding stage (decode {s}) ÷ {name} within each round: median "
+                      f"{med(per_round):.3f} (per round {', '.join(f'{x:.3f}' for x in per_round)})")
 
 
 def main() -> None:
@@ -223,6 +239,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="--model: the run's and the forward's batch")
     parser.add_argument("--rounds", type=int, default=1,
                         help="--model: alternate the bare forward and the run this many times (medians)")
+    parser.add_argument("--decode-schedule", nargs="+", default=["auto"], choices=["auto", "beside", "between"],
+                        help="--model: the run's compute.decode_schedule; several: one run of each per round, in "
+                             "rotating order (auto: between batches on a CPU worker unless its model is a large "
+                             "fp32 one)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="--model: compute.precision of the run and the forward (auto: bf16 weights for a "
                              "large CLIP on a CPU with native bf16)")

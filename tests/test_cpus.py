@@ -4,7 +4,7 @@ import torch
 
 from shardlight.core.config import ComputeSpec
 from workers.cpus import held_cpus, model_threads
-from workers.decoders import auto_decode_workers
+from workers.decoders import auto_decode_workers, decode_between
 from workers.pool import cpu_share, gpu_share
 
 
@@ -28,3 +28,14 @@ def test_threads_outside_ray_keep_the_process_setting(one_torch_thread):
     assert model_threads(ComputeSpec(), cpu, 8) == torch.get_num_threads() == 1
     assert model_threads(ComputeSpec(threads=3), cpu, 8) == 3
     assert auto_decode_workers(2, cpu) == 1 and auto_decode_workers(16, torch.device("cuda")) == 15
+    assert auto_decode_workers(2, cpu, between=True) == 2
+
+
+def test_cpu_decoding_goes_between_batches_unless_the_model_is_a_large_fp32_one():
+    cpu, cuda, big, small = torch.device("cpu"), torch.device("cuda"), 150_000_000, 5_000_000
+    auto = ComputeSpec()
+    assert decode_between(auto, cpu, torch.bfloat16, big) and decode_between(auto, cpu, torch.float32, small)
+    assert not decode_between(auto, cpu, torch.float32, big)
+    assert not decode_between(auto, cuda, torch.bfloat16, small)
+    assert decode_between(ComputeSpec(decode_schedule="between"), cpu, torch.float32, big)
+    assert not decode_between(ComputeSpec(decode_schedule="beside"), cpu, torch.bfloat16, small)

@@ -55,11 +55,11 @@ def _tables(out, kind, name):
     return pq.read_table(f"{out}/{kind}/{name}.parquet")
 
 
-@pytest.mark.parametrize("workers", [3])
-def test_many_decode_workers_write_what_one_writes(shards, tmp_path, workers):
+@pytest.mark.parametrize("schedule", ["beside", "between"])
+def test_many_decode_workers_write_what_one_writes(shards, tmp_path, schedule):
     one, many = tmp_path / "one", tmp_path / "many"
-    _embed_all(shards, one, decode_workers=0)
-    _embed_all(shards, many, decode_workers=workers)
+    _embed_all(shards, one, decode_workers=0, decode_schedule="beside")
+    _embed_all(shards, many, decode_workers=3, decode_schedule=schedule)
     for shard in shards:
         name = os.path.basename(shard).removesuffix(".tar")
         a, b = _tables(one, "embeddings", name), _tables(many, "embeddings", name)
@@ -88,8 +88,9 @@ def _decode(decoder, shard, kill_after=None):
     return keys, torch.cat(pixels)
 
 
-def test_batches_are_fixed_size_uint8_in_shard_order(shards):
-    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4)
+@pytest.mark.parametrize("between", [False, True])
+def test_batches_are_fixed_size_uint8_in_shard_order(shards, between):
+    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4, between=between)
     try:
         sizes = [len(b.samples) for b in decoder.batches(ShardReader(shards[-1]))]
         batch = next(iter(decoder.batches(ShardReader(shards[-1]))))
@@ -98,9 +99,10 @@ def test_batches_are_fixed_size_uint8_in_shard_order(shards):
     assert sizes == [4] * 7 + [2] and batch.clip.dtype == torch.uint8 and batch.clip.shape == (4, 3, 64, 64)
 
 
-def test_a_decode_worker_killed_mid_shard_loses_and_duplicates_nothing(shards):
+@pytest.mark.parametrize("between", [False, True])
+def test_a_decode_worker_killed_mid_shard_loses_and_duplicates_nothing(shards, between):
     expected_keys, expected = _decode(CpuDecoder(DecodeSpecs(SPEC), workers=0, batch_size=4), shards[-1])
-    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4, prefetch=1)
+    decoder = CpuDecoder(DecodeSpecs(SPEC), workers=2, batch_size=4, prefetch=1, between=between)
     try:
         keys, pixels = _decode(decoder, shards[-1], kill_after=0)
         assert decoder.restarts == 1
@@ -109,6 +111,38 @@ def test_a_decode_worker_killed_mid_shard_loses_and_duplicates_nothing(shards):
         decoder.close()
     assert keys == expected_keys and len(keys) == 30 and torch.equal(pixels, expected)
     assert not os.path.exists(spill)  # a killed process's unread result files go with the worker
+
+
+class _CountingTransform:
+    """A transform (no PixelSpec) that counts the images it was given: thread workers share it."""
+
+    def __init__(self):
+        self.calls, self.lock = 0, threading.Lock()
+
+    def __call__(self, image):
+        with self.lock:
+            self.calls += 1
+        return torch.zeros(3, 8, 8)
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_between_batches_nothing_decodes_while_the_consumer_holds_a_batch(shards, between):
+    counting = _CountingTransform()
+    decoder = CpuDecoder(DecodeSpecs(counting), workers=2, batch_size=4, mode="thread", prefetch=2,
+                         between=between)
+    try:
+        batches = decoder.batches(ShardReader(shards[-1]))
+        first = next(batches)
+        time.sleep(0.5)  # the model's turn: beside, the conductor decodes ahead meanwhile
+        held = counting.calls
+        rest = sum(len(b.samples) for b in batches)
+    finally:
+        decoder.close()
+    assert len(first.samples) == 4 and len(first.samples) + rest == 30
+    if between:
+        assert held == 4  # exactly the batch handed over
+    else:
+        assert held > 4
 
 
 def test_decode_workers_that_keep_dying_fail_the_shard_in_one_line(shards):

@@ -1,15 +1,17 @@
 """Decoders: a shard's samples → fixed-size batches of model pixels, in shard order, with the errors between.
 
-`CpuDecoder` runs one conductor thread per shard that reads the samples, cuts them into small chunks, hands
-the chunks to N decode workers (processes by default, threads, or inline when N is 0) and reassembles the
-results in shard order into batches of exactly `batch_size` samples (the last one shorter). Invariants:
+`CpuDecoder` reads a shard's samples, cuts them into chunks, hands the chunks to N decode workers (processes by
+default, threads, or inline when N is 0) and reassembles the results in shard order into batches of exactly
+`batch_size` samples (the last one shorter). Two schedules: `beside` (a conductor thread decodes up to
+`prefetch` batches ahead, beside the model) and `between` (a batch is decoded, by all N at once, when the
+model asks for it, so decoding and the model take turns on cores they share; docs/benchmarks.md). Invariants:
 - order: rows come out in shard order whatever the number of workers; every input item is either a
   sample in a batch or an error record in `errors`, in shard order (so rows + dropped == samples read);
 - a decode process that dies (OOM, a signal) costs nothing: the pool is restarted and every chunk not yet
   collected is decoded again; only a shard that kills it `max_restarts` times fails, with one clear error;
   a death can never hang the pool, since a decode process replies with a file's path, not its pixels
   (workers/decode_job.py: a short reply is one atomic pipe write);
-- a consumer that stops early (a model error) stops the conductor too; no thread or queue outlives it.
+- a consumer that stops early (a model error) stops the decoding too; no thread or queue outlives it.
 `Decoder` is the contract the GPU decoder (`workers/gpu_decode.py`) keeps too: `start` (helpers up before the
 first shard), `batches` (the invariants above), `describe` (for the run's `worker` record), `close`.
 """
@@ -185,14 +187,18 @@ class CpuDecoder:
     """N decode workers (processes, threads, or inline when N is 0) feeding fixed-size uint8 batches."""
 
     def __init__(self, specs: DecodeSpecs, workers: int = 1, batch_size: int = 32, mode: str = "process",
-                 prefetch: int = 4, pin_memory: bool = False, max_restarts: int = 3):
+                 prefetch: int = 4, pin_memory: bool = False, max_restarts: int = 3, between: bool = False):
         if mode not in ("process", "thread"):
             raise InputError(f"decode mode must be 'process' or 'thread', not {mode!r}")
         self.specs, self.workers, self.batch_size, self.mode = specs, workers, batch_size, mode
         self.prefetch, self.pin_memory, self.max_restarts = prefetch, pin_memory, max_restarts
-        # Small chunks spread a batch over all workers; two chunks per worker in flight keep them busy.
-        self.chunk = max(1, min(16, -(-batch_size // max(1, workers))))
-        self.in_flight = 2 * max(1, workers) + 1
+        self.between = between
+        if between:  # one chunk per worker makes one batch: all of them decode it while the model waits
+            self.chunk = max(1, -(-batch_size // max(1, workers)))
+            self.in_flight = max(1, workers)
+        else:  # small chunks spread a batch over all workers; two chunks per worker in flight keep them busy
+            self.chunk = max(1, min(16, -(-batch_size // max(1, workers))))
+            self.in_flight = 2 * max(1, workers) + 1
         self._pool: cf.Executor | None = None
         self._spill: str | None = None  # the decode processes' result files (workers/decode_job.py)
         self._remove_spill: weakref.finalize | None = None  # removes it; runs once, at close or collection
@@ -200,7 +206,8 @@ class CpuDecoder:
 
     def describe(self) -> dict:
         return {"decode": "cpu", "decode_workers": self.workers,
-                "decode_mode": self.mode if self.workers else "inline"}
+                "decode_mode": self.mode if self.workers else "inline",
+                "decode_schedule": "between" if self.between else "beside"}
 
     def start(self) -> None:
         """Start the decode processes now, while the worker loads its models: each takes a good half second
@@ -229,19 +236,37 @@ class CpuDecoder:
             self._pool = None
 
     def batches(self, samples: Iterable[RawSample | SampleError]) -> Iterator[DecodedBatch]:
+        if self.between:  # decoded on demand: nothing decodes while the consumer holds a batch
+            return self._decode(samples)
         return produced_ahead(lambda put: self._conduct(samples, put), self.prefetch, "decode-conductor")
 
     def _conduct(self, samples: Iterable, put) -> None:
-        assembler = _Assembler(self.batch_size, self.pin_memory, put)
+        for batch in self._decode(samples):
+            put(batch)
+
+    def _decode(self, samples: Iterable) -> Iterator[DecodedBatch]:
+        assembled: deque = deque()
+        assembler = _Assembler(self.batch_size, self.pin_memory, assembled.append)
         self.restarts = 0
         outstanding: deque = deque()  # [chunk, future] in shard order
-        for chunk in chunks(samples, self.chunk):
-            outstanding.append([chunk, self._submit(chunk)])
-            while len(outstanding) > self.in_flight:
+
+        def collect(keep: int) -> Iterator[DecodedBatch]:
+            while len(outstanding) > keep:
                 self._collect(outstanding, assembler)
-        while outstanding:
-            self._collect(outstanding, assembler)
+                while assembled:
+                    yield assembled.popleft()
+
+        for chunk in chunks(samples, self.chunk):
+            if self.between and len(outstanding) == self.in_flight:
+                # A batch's chunks, all collected before the next is submitted. (Error records shift a batch
+                # past a chunk's end; then the chunks after it decode while the model runs, as `beside`.)
+                yield from collect(0)
+            outstanding.append([chunk, self._submit(chunk)])
+            if not self.between:
+                yield from collect(self.in_flight)
+        yield from collect(0)
         assembler.finish()
+        yield from assembled
 
     def _submit(self, chunk: list) -> cf.Future:
         jobs = [(s.image, s.image_format) for s in chunk if isinstance(s, RawSample)]

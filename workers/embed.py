@@ -29,7 +29,7 @@ from shardlight.models.device import pick_batch_size, pick_device, pick_dtype
 from shardlight.models.labelers import Labels, build_labeler
 from workers.cpus import apply_threads, held_cpus, model_threads
 from workers.decode import DecodedBatch, DecodeSpecs, SampleMeta
-from workers.decoders import make_decoder
+from workers.decoders import decode_between, make_decoder
 from workers.memory import keep_freed_memory
 from workers.reader import DecodedSample, ShardReader
 from workers.reader_process import ReaderProcess
@@ -67,7 +67,8 @@ class ShardEmbedder:
         self.clip.use_dtype(self.dtype)
         self.labeler = build_labeler(labels, self.device, self.dtype, self.clip)
         self.top_k = labels.top_k
-        self.decoder = make_decoder(compute, self.device, self._specs(compute), self.cpus, self.batch_size)
+        between = decode_between(compute, self.device, self.dtype, params)
+        self.decoder = make_decoder(compute, self.device, self._specs(compute), self.cpus, self.batch_size, between)
         processes = text_processes(self.device.type, self.cpus)
         self.text = TextPool(clip.model, processes) if processes else None
         # Where captions are tokenised in helper processes (a GPU worker with CPUs to spare), the shard is

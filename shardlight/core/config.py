@@ -48,6 +48,7 @@ class ComputeSpec(_Strict):
     threads: int | None = Field(None, ge=1)  # torch threads; None: the CPUs the worker holds (Ray's share)
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # where images are decoded (gpu: issue 19's decoder)
     decode_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"  # CPU decode processes; 0: in the feeding thread
+    decode_schedule: Literal["auto", "beside", "between"] = "auto"  # CPU decoding beside the model or between its batches
     jpeg_draft: bool = False  # decode JPEGs >= 2x the input at reduced scale (agreement: docs/benchmarks.md)
 
 
