@@ -193,6 +193,19 @@ def test_guidance_scale_mixes_conditional_and_null_predictions():
     assert torch.equal(diffusion.predict_noise(model, x, 500, y, 1.0), cond)  # scale 1 = conditional only
 
 
+def test_guidance_away_from_negatives_starts_from_their_mean_prediction():
+    model, diffusion = randomize_zero_init(tiny()), Diffusion("linear")
+    x, y, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 4]), torch.full((2,), 500)
+    negatives = torch.tensor([[0, 2, 3], [3, 2, 1]])
+    cond = model(x, t, y)
+    base = sum(model(x, t, negatives[:, k]) for k in range(3)) / 3
+    eps = diffusion.predict_noise(model, x, 500, y, 3.0, negatives)
+    assert torch.allclose(eps, base + 3.0 * (cond - base), atol=1e-5)
+    assert not torch.allclose(eps, diffusion.predict_noise(model, x, 500, y, 3.0), atol=1e-3)
+    null = torch.full((2, 1), model.label_embed.null_class)  # the null class as the one negative: plain guidance
+    assert torch.equal(diffusion.predict_noise(model, x, 500, y, 3.0, null), diffusion.predict_noise(model, x, 500, y, 3.0))
+
+
 def test_guidance_one_equals_a_conditional_only_sampler():
     model, diffusion = randomize_zero_init(tiny()), Diffusion("cosine")
     noise, y = seeded_noise([5, 6], (3, 8, 8)), torch.tensor([2, 3])

@@ -143,6 +143,37 @@ def test_latent_dit_generates_and_varies_through_its_autoencoder(tmp_path):
     assert np.abs(np.asarray(alone, np.int16) - np.asarray(made[1], np.int16)).max() <= 1  # batch-independent
 
 
+def test_the_latent_recipe_guides_away_from_the_same_colours_other_shapes(tmp_path, monkeypatch):
+    _, dit_path = write_latent_pair(tmp_path)
+    gen = DiTGenerator(str(dit_path))
+    red_square = CLASS_NAMES.index("red square")
+    expected = sorted(CLASS_NAMES.index(f"red {s}") for s in ("circle", "triangle", "star"))
+    assert gen.negatives.shape == (len(CLASS_NAMES), 3) and sorted(gen.negatives[red_square].tolist()) == expected
+    seen = []
+    predict = gen.diffusion.predict_noise
+
+    def spy(model, x, t, y, guidance, negatives=None):
+        seen.append(negatives)
+        return predict(model, x, t, y, guidance, negatives)
+
+    monkeypatch.setattr(gen.diffusion, "predict_noise", spy)
+    guided = gen.generate([red_square, 0], seeds=[1, 2])
+    assert len(seen) == gen.default_steps and all(torch.equal(n, gen.negatives[[red_square, 0]]) for n in seen)
+    gen.negatives = None  # the null class instead: another image from the same seeds
+    plain = gen.generate([red_square, 0], seeds=[1, 2])
+    assert not np.array_equal(np.asarray(guided[0]), np.asarray(plain[0]))
+
+
+def test_a_malformed_negatives_table_is_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, dit_path = write_latent_pair(tmp_path)
+    meta = read_weights_metadata(str(dit_path))
+    save_file(load_file(str(dit_path)), str(dit_path), metadata={**meta, "guidance_negatives": "[[1, 2], [3]]"})
+    with pytest.raises(ModelLoadError, match="guidance_negatives must list"):
+        DiTGenerator(str(dit_path))
+
+
 def test_vary_at_low_strength_keeps_the_autoencoder_reconstruction(tmp_path):
     _, dit_path = write_latent_pair(tmp_path)
     gen = DiTGenerator(str(dit_path))

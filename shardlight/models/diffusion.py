@@ -3,7 +3,8 @@
 Forward process (Ho et al. 2020): x_t = √ᾱ_t · x_0 + √(1-ᾱ_t) · ε. The model learns ε from (x_t, t, y).
 Sampling uses DDIM with η = 0 (Song et al. 2021), so the image depends only on the starting noise: one
 seed, one image, whatever the number of images in the batch. Classifier-free guidance (Ho & Salimans
-2021) mixes the conditional and null-class predictions: ε = ε_∅ + s · (ε_y - ε_∅).
+2021) mixes the conditional and null-class predictions: ε = ε_∅ + s · (ε_y - ε_∅); a model may name, per class,
+classes to steer away from instead (`negatives`): ε = ε̄_neg + s · (ε_y - ε̄_neg), ε̄_neg their mean prediction.
 `vary` is SDEdit (Meng et al. 2022): noise a clean image to a strength, then denoise it under a label.
 """
 
@@ -91,27 +92,34 @@ class Diffusion:
         steps = max(1, min(steps, start + 1))
         return sorted({round(start * i / max(steps - 1, 1)) for i in range(steps)}, reverse=True)
 
-    def predict_noise(self, model, x: torch.Tensor, t: int, y: torch.Tensor, guidance: float) -> torch.Tensor:
-        """ε for a batch at timestep t; guidance ≠ 1 adds a null-class pass (batched with the conditional one)."""
+    def predict_noise(self, model, x: torch.Tensor, t: int, y: torch.Tensor, guidance: float,
+                      negatives: torch.Tensor | None = None) -> torch.Tensor:
+        """ε for a batch at timestep t; guidance ≠ 1 steers from a base prediction to the conditional one, in one
+        batched call: the null class's prediction (classifier-free guidance), or with `negatives` ((N, k) class
+        ids) the mean of the conditional predictions for those classes (guidance away from them)."""
         channels = x.shape[1]
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         if guidance == 1.0:
             return self.to_eps(model(x, tt, y)[:, :channels].float(), x, t)
-        null = torch.full_like(y, model.label_embed.null_class)
-        out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))[:, :channels].float()
-        cond, uncond = out.chunk(2)  # guidance on v equals guidance on ε: ε is affine in v for fixed x_t
-        return self.to_eps(uncond + guidance * (cond - uncond), x, t)
+        if negatives is None:
+            negatives = torch.full_like(y, model.label_embed.null_class)[:, None]
+        passes = 1 + negatives.shape[1]
+        labels = torch.cat([y, *negatives.T])
+        out = model(torch.cat([x] * passes), torch.cat([tt] * passes), labels)[:, :channels].float()
+        cond, *bases = out.chunk(passes)  # guidance on v equals guidance on ε: ε is affine in v for fixed x_t
+        base = bases[0] if len(bases) == 1 else torch.stack(bases).mean(0)
+        return self.to_eps(base + guidance * (cond - base), x, t)
 
     @torch.no_grad()
     def ddim(self, model, x: torch.Tensor, y: torch.Tensor, steps: int = 25, guidance: float = 1.0,
-             start: int | None = None, clip: bool = False) -> torch.Tensor:
+             start: int | None = None, clip: bool = False, negatives: torch.Tensor | None = None) -> torch.Tensor:
         """Deterministic DDIM (η = 0) from x at timestep `start` (default T-1) to a clean x_0.
 
-        `clip` clamps each x_0 estimate to [-1, 1] (pixel-space models).
+        `clip` clamps each x_0 estimate to [-1, 1] (pixel-space models); `negatives`: see `predict_noise`.
         """
         schedule = self.timesteps(steps, start)
         for i, t in enumerate(schedule):
-            eps = self.predict_noise(model, x, t, y, guidance)
+            eps = self.predict_noise(model, x, t, y, guidance, negatives)
             ab = float(self.alpha_bar[t])
             x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
             if clip:
@@ -122,12 +130,13 @@ class Diffusion:
         return x
 
     def sample(self, model, noise: torch.Tensor, y: torch.Tensor, steps: int = 25, guidance: float = 1.0,
-               clip: bool = False) -> torch.Tensor:
+               clip: bool = False, negatives: torch.Tensor | None = None) -> torch.Tensor:
         """Generate from pure noise x_T (draw it per image from a seeded generator, see `seeded_noise`)."""
-        return self.ddim(model, noise, y, steps, guidance, clip=clip)
+        return self.ddim(model, noise, y, steps, guidance, clip=clip, negatives=negatives)
 
     def vary(self, model, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, strength: float,
-             steps: int = 25, guidance: float = 1.0, clip: bool = False) -> torch.Tensor:
+             steps: int = 25, guidance: float = 1.0, clip: bool = False,
+             negatives: torch.Tensor | None = None) -> torch.Tensor:
         """SDEdit: noise x0 to t = strength·T, then denoise under label y with ~strength·steps DDIM steps.
 
         strength near 0 returns (almost) the input; 1 ignores it. The layout of the source survives
@@ -138,7 +147,8 @@ class Diffusion:
         start = max(1, round(strength * (self.num_steps - 1)))
         t = torch.full((x0.shape[0],), start, device=x0.device, dtype=torch.long)
         x = self.add_noise(x0, t, noise)
-        return self.ddim(model, x, y, max(1, round(steps * strength)), guidance, start=start, clip=clip)
+        return self.ddim(model, x, y, max(1, round(steps * strength)), guidance, start=start, clip=clip,
+                         negatives=negatives)
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:

@@ -167,6 +167,21 @@ def make_codec(meta: dict[str, str], config: DiTConfig, checkpoint: str, vae: st
     return PixelCodec(config.input_size, int(meta.get("image_size", config.input_size)))
 
 
+def _negatives_table(meta: dict[str, str], source: str | None, classes: int,
+                     device: torch.device) -> torch.Tensor | None:
+    """The header's `guidance_negatives` (per class, the same number of class ids to guide away from) as a
+    (classes, k) tensor; None when the model guides from the null class. A malformed table is one line."""
+    if "guidance_negatives" not in meta:
+        return None
+    table = json.loads(meta["guidance_negatives"])
+    widths = {len(row) for row in table} if isinstance(table, list) else set()
+    if (len(table) != classes or len(widths) != 1 or 0 in widths
+            or not all(isinstance(c, int) and 0 <= c < classes for row in table for c in row)):
+        raise ModelLoadError(f"{source}: guidance_negatives must list, for each of its {classes} classes, the same "
+                         "number (at least one) of class ids to guide away from")
+    return torch.tensor(table, dtype=torch.long, device=device)
+
+
 class DiTGenerator:
     """A loaded DiT with its schedule and codec; `generate` and `vary` return PIL images."""
 
@@ -181,6 +196,7 @@ class DiTGenerator:
                                    meta.get("prediction", "eps"))
         self.default_guidance = float(meta.get("guidance", 4.0))
         self.default_steps = int(meta.get("sample_steps", 50))
+        self.negatives = _negatives_table(meta, checkpoint or name, cfg.num_classes, self.device)
         self.codec = make_codec(meta, cfg, checkpoint, vae, self.device)
         self.latent = not isinstance(self.codec, PixelCodec)  # latents are not clamped to [-1, 1] while sampling
         self.name = meta.get("architecture", name)
@@ -193,13 +209,19 @@ class DiTGenerator:
     def _labels(self, labels: list[int]) -> torch.Tensor:
         return torch.tensor(labels, dtype=torch.long, device=self.device)
 
+    def _negatives(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Each label's classes to guide away from (the header's `guidance_negatives`), or None: the null class."""
+        return None if self.negatives is None else self.negatives[labels]
+
     def generate(self, labels: list[int], seeds: list[int], steps: int | None = None,
                  guidance: float | None = None) -> list[Image.Image]:
         """One image per (label, seed) from pure noise, by deterministic DDIM."""
         noise = seeded_noise(seeds, self.shape, self.device)
         with autocast(self.device, self.dtype):  # the denoiser only; the DDIM update stays fp32
-            x = self.diffusion.sample(self.model, noise, self._labels(labels), steps or self.default_steps,
-                                      self.default_guidance if guidance is None else guidance, clip=not self.latent)
+            y = self._labels(labels)
+            x = self.diffusion.sample(self.model, noise, y, steps or self.default_steps,
+                                      self.default_guidance if guidance is None else guidance, clip=not self.latent,
+                                      negatives=self._negatives(y))
         return self.codec.decode(x.float())
 
     def vary(self, images: list[Image.Image], labels: list[int], seeds: list[int], strength: float,
@@ -208,7 +230,8 @@ class DiTGenerator:
         x0 = self.codec.encode(images, self.device)
         noise = seeded_noise(seeds, self.shape, self.device)
         with autocast(self.device, self.dtype):
-            x = self.diffusion.vary(self.model, x0, self._labels(labels), noise, strength,
+            y = self._labels(labels)
+            x = self.diffusion.vary(self.model, x0, y, noise, strength,
                                     steps or self.default_steps, self.default_guidance if guidance is None else guidance,
-                                    clip=not self.latent)
+                                    clip=not self.latent, negatives=self._negatives(y))
         return self.codec.decode(x.float())

@@ -40,6 +40,15 @@ POSITIONS: dict[str, tuple[float, float]] = {
 # Class ids are stable: sorted by (color, shape) declaration order.
 CLASS_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 
+
+
+def same_colour_other_shapes() -> list[list[int]]:
+    """For each class, the classes of its colour with the other shapes: what a demo DiT's guidance may steer
+    away from instead of the null class, so that it separates shapes rather than colours (docs/dit.md)."""
+    pairs = [name.split(" ") for name in CLASS_NAMES]
+    return [[CLASS_NAMES.index(f"{colour} {other}") for other in SHAPES if other != shape] for colour, shape in pairs]
+
+
 # Caption templates used for training data. EVAL_TEMPLATES are phrasings never seen in training.
 TRAIN_TEMPLATES: tuple[str, ...] = (
     "a {color} {shape}",
