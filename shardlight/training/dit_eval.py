@@ -219,6 +219,12 @@ def _output_text(recipe: dict, meta: dict) -> str:
     return f"outputs are bicubic-upsampled to {size}x{size}"
 
 
+def _negatives_text(recipe: dict) -> str:
+    if not recipe.get("guidance_negatives"):
+        return " from the null class"
+    return f" away from the `{recipe['guidance_negatives']}` classes of the header's `guidance_negatives` table"
+
+
 def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
     """The markdown model card: architecture, data, hyper-parameters, time and measured metrics."""
     meta = read_weights_metadata(weights)
@@ -236,7 +242,7 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
         "outputs v = √ᾱ ε − √(1−ᾱ) x₀ and the sampler recovers ε exactly; "
         f"{recipe['schedule']} β schedule, T={recipe['diffusion_steps']}) with 10% label dropout for "
         f"classifier-free guidance. Sampling: deterministic DDIM, {recipe['sample_steps']} steps, guidance "
-        f"{recipe['guidance']}; {_output_text(recipe, meta)}. "
+        f"{recipe['guidance']}{_negatives_text(recipe)}; {_output_text(recipe, meta)}. "
         f"Weights: the EMA copy, fp16, {weights.stat().st_size / 1e6:.1f} MB.", "",
         "## Data",
         f"`shardlight/training/synthetic.py` demo images (24 classes `<color> <shape>`, 64x64 JPEG), "
