@@ -3,6 +3,7 @@ determinism, and loading the autoencoder by name (beside the DiT, from configs/m
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -169,9 +170,11 @@ def test_a_malformed_negatives_table_is_one_line(tmp_path):
 
     _, dit_path = write_latent_pair(tmp_path)
     meta = read_weights_metadata(str(dit_path))
-    save_file(load_file(str(dit_path)), str(dit_path), metadata={**meta, "guidance_negatives": "[[1, 2], [3]]"})
-    with pytest.raises(ModelLoadError, match="guidance_negatives must list"):
-        DiTGenerator(str(dit_path))
+    weights = load_file(str(dit_path))
+    for bad in ("[[1, 2], [3]]", "7", "[1, 2]", json.dumps([[99]] * len(CLASS_NAMES)), json.dumps([[]] * len(CLASS_NAMES))):
+        save_file(weights, str(dit_path), metadata={**meta, "guidance_negatives": bad})
+        with pytest.raises(ModelLoadError, match="guidance_negatives must list"):
+            DiTGenerator(str(dit_path))
 
 
 def test_vary_at_low_strength_keeps_the_autoencoder_reconstruction(tmp_path):

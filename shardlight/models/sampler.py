@@ -174,11 +174,11 @@ def _negatives_table(meta: dict[str, str], source: str | None, classes: int,
     if "guidance_negatives" not in meta:
         return None
     table = json.loads(meta["guidance_negatives"])
-    widths = {len(row) for row in table} if isinstance(table, list) else set()
-    if (len(table) != classes or len(widths) != 1 or 0 in widths
-            or not all(isinstance(c, int) and 0 <= c < classes for row in table for c in row)):
-        raise ModelLoadError(f"{source}: guidance_negatives must list, for each of its {classes} classes, the same "
-                         "number (at least one) of class ids to guide away from")
+    rows = table if isinstance(table, list) and all(isinstance(row, list) for row in table) else []
+    if (len(rows) != classes or len({len(row) for row in rows}) != 1 or not rows[0]
+            or not all(isinstance(c, int) and 0 <= c < classes for row in rows for c in row)):
+        raise ModelLoadError(f"{source}: guidance_negatives must list, for each of its {classes} classes, the "
+                             "same number (at least one) of class ids to guide away from")
     return torch.tensor(table, dtype=torch.long, device=device)
 
 
