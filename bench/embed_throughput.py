@@ -179,7 +179,7 @@ def model_stages(args) -> None:
         threads = torch.get_num_threads()
         batches, tokens = forward_batches(embedder, shards)
         describe = ", ".join(f"{k} {v}" for k, v in embedder.describe().items()
-                             if k not in ("dim",) and not k.startswith("decode"))
+                             if k != "dim" and not k.startswith("decode"))
         env = bench_env(tmp)
         prime_prefect(env)
         for r in range(args.rounds):

@@ -41,7 +41,6 @@ POSITIONS: dict[str, tuple[float, float]] = {
 CLASS_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 
 
-
 def same_colour_other_shapes() -> list[list[int]]:
     """For each class, the classes of its colour with the other shapes: what a demo DiT's guidance may steer
     away from instead of the null class, so that it separates shapes rather than colours (docs/dit.md)."""
