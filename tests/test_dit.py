@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from shardlight.core.errors import ModelLoadError  # noqa: E402
-from shardlight.models.diffusion import Diffusion, make_betas, seeded_noise  # noqa: E402
+from shardlight.models.diffusion import Diffusion, make_betas, outline_weights, seeded_noise  # noqa: E402
 from shardlight.models.dit import DIT_MODELS, DiT, DiTConfig, build_dit  # noqa: E402
 from shardlight.models.sampler import (  # noqa: E402
     PUBLISHED_RENAMES,
@@ -134,6 +134,40 @@ def test_training_loss_is_noise_mse_and_learns():
         opt.step()
     losses = [diffusion.training_loss(model, x0, y, torch.Generator().manual_seed(s)).item() for s in range(100, 110)]
     assert np.mean(losses) < 0.8 * first
+
+
+def test_outline_weights_favour_edges_and_average_one():
+    square = torch.zeros(2, 4, 16, 16)
+    square[:, :, 5:11, 5:11] = 1.0
+    square[1] *= 3.0  # the weights see change relative to the image's own mean change
+    w = outline_weights(square, 2.0)
+    assert w.shape == (2, 1, 16, 16)
+    assert torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(2), atol=1e-5)
+    assert torch.allclose(w[0], w[1])
+    edge, inside, outside = w[0, 0, 5, 8], w[0, 0, 8, 8], w[0, 0, 0, 0]
+    assert edge > 2.0 * inside and inside == outside  # flat regions inside and out weigh alike, less than 1
+    assert torch.equal(outline_weights(torch.full((1, 4, 8, 8), 0.3), 2.0), torch.ones(1, 1, 8, 8))
+
+
+def test_outline_weighted_loss_is_the_plain_loss_reweighted():
+    torch.manual_seed(0)
+    model, diffusion = tiny().train(), Diffusion("cosine", prediction="v")
+    flat, y = torch.full((4, 3, 8, 8), 0.5), torch.arange(4)
+    plain = diffusion.training_loss(model, flat, y, torch.Generator().manual_seed(1))
+    assert torch.allclose(diffusion.training_loss(model, flat, y, torch.Generator().manual_seed(1),
+                                                  outline_weight=5.0), plain)  # nothing to weigh
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    x0[:, :, :, :4] = -1.0  # a flat half: its errors count less than the textured half's
+    with torch.no_grad():
+        model.final.linear.weight.normal_(0, 0.1)  # nonzero predictions, so errors differ by position
+        gen = torch.Generator().manual_seed(2)  # the loss's draws, in its order: timesteps, then noise
+        t = torch.randint(0, diffusion.num_steps, (4,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        ab = diffusion.alpha_bar[t].float().view(-1, 1, 1, 1)
+        error = (model(diffusion.add_noise(x0, t, noise), t, y) - (ab.sqrt() * noise - (1 - ab).sqrt() * x0)) ** 2
+        weighted = diffusion.training_loss(model, x0, y, torch.Generator().manual_seed(2), outline_weight=2.0)
+        assert torch.allclose(weighted, (error * outline_weights(x0, 2.0)).mean(), rtol=1e-5)
+        assert not torch.allclose(weighted, error.mean(), rtol=1e-3)
 
 
 def test_v_prediction_recovers_the_exact_noise():

@@ -6,6 +6,8 @@ seed, one image, whatever the number of images in the batch. Classifier-free gui
 2021) mixes the conditional and null-class predictions: ε = ε_∅ + s · (ε_y - ε_∅); a model may name, per class,
 classes to steer away from instead (`negatives`): ε = ε̄_neg + s · (ε_y - ε̄_neg), ε̄_neg their mean prediction.
 `vary` is SDEdit (Meng et al. 2022): noise a clean image to a strength, then denoise it under a label.
+The loss may weigh each position by how much x_0 changes around it (`outline_weight`): the outlines, where a
+denoiser of shapes goes wrong, count more than flat regions; the weights average 1 per image.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 Schedule = Literal["linear", "cosine"]
 Prediction = Literal["eps", "v"]
@@ -56,11 +59,12 @@ class Diffusion:
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
-                      min_snr_gamma: float | None = None) -> torch.Tensor:
+                      min_snr_gamma: float | None = None, outline_weight: float = 0.0) -> torch.Tensor:
         """Simple DDPM objective at a uniform random timestep: MSE on ε (or on v, its reparameterisation).
 
         `min_snr_gamma` weights each sample as Min-SNR-γ does (Hang et al. 2023): the loss measured on x₀ is
         weighted by min(SNR, γ), so the many nearly-noiseless timesteps stop dominating the gradient.
+        `outline_weight` λ > 0 weights each position's error by `outline_weights(x0, λ)`.
         """
         # Drawn on the CPU generator and moved: the same draws whichever device trains.
         t = torch.randint(0, self.num_steps, (x0.shape[0],), generator=generator).to(x0.device)
@@ -68,7 +72,10 @@ class Diffusion:
         pred = model(self.add_noise(x0, t, noise), t, y)[:, : x0.shape[1]]  # the ε half when Σ is learned
         ab = self._ab(t, x0)
         target = noise if self.prediction == "eps" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
-        per_sample = ((pred.float() - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        error = (pred.float() - target) ** 2
+        if outline_weight:
+            error = error * outline_weights(x0, outline_weight)
+        per_sample = error.mean(dim=tuple(range(1, x0.ndim)))
         if min_snr_gamma is None:
             return per_sample.mean()
         # Both losses are the x₀ error times a factor of the SNR: ε-loss = x₀-loss · SNR, v-loss = x₀-loss · (SNR+1).
@@ -149,6 +156,19 @@ class Diffusion:
         x = self.add_noise(x0, t, noise)
         return self.ddim(model, x, y, max(1, round(steps * strength)), guidance, start=start, clip=clip,
                          negatives=negatives)
+
+
+def outline_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:
+    """(N, 1, H, W) weights (1 + λ·e/ē) / (1 + λ), mean 1 per image: e is x0's local change (|Δx| + |Δy| to the
+    next position, channel mean, the largest within 3×3 so both sides of an edge count), ē its image mean. A
+    flat image weighs every position 1."""
+    x0 = x0.float()
+    dy = F.pad((x0[:, :, 1:] - x0[:, :, :-1]).abs(), (0, 0, 0, 1))
+    dx = F.pad((x0[:, :, :, 1:] - x0[:, :, :, :-1]).abs(), (0, 1, 0, 0))
+    change = F.max_pool2d((dx + dy).mean(1, keepdim=True), 3, stride=1, padding=1)
+    mean = change.mean(dim=(1, 2, 3), keepdim=True)
+    relative = torch.where(mean > 1e-6, change / mean.clamp(min=1e-6), torch.ones_like(change))
+    return (1 + strength * relative) / (1 + strength)
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:

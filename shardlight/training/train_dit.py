@@ -64,6 +64,7 @@ class DitRecipe:
     class_dropout: float = 0.1  # labels replaced by the null class, for classifier-free guidance
     ema_decay: float = 0.995  # EMA of the weights; the EMA copy is what ships
     min_snr_gamma: float | None = None  # Min-SNR-γ loss weighting (Hang et al. 2023); None: plain MSE
+    outline_weight: float = 0.0  # λ: the loss weighs positions where x0 changes up to (1 + λ·e/ē) (diffusion.py)
     hflip: bool = True  # random horizontal flips (shape classes are mirror-invariant)
     threads: int = 2  # torch CPU threads
     guidance: float = 4.0  # shipped classifier-free guidance scale
@@ -78,9 +79,11 @@ GPU_RECIPE = DitRecipe(model="DiT-Tiny/2", steps=14400, batch_size=64)
 # On the autoencoder's 16x16x4 latents, patch 2 gives 64 tokens: DiT-Tiny/2 steps 5x as fast as on pixels, so the
 # shipped pixel model's steps and batch fit a CPU session (size, patch and cost measured: docs/dit.md).
 # Its guidance steers away from the same colour's other shapes (4 passes a step instead of 2): 0.67 -> 0.77 of
-# its images recognised on fresh seeds (docs/dit.md, "Guidance away from the other shapes").
+# its images recognised on fresh seeds (docs/dit.md, "Guidance away from the other shapes"); its loss weighs the
+# shapes' outlines (λ 2: the model those figures come from; with the plain loss 0.665).
 LATENT_RECIPE = DitRecipe(model="DiT-Tiny/2", model_size=16, autoencoder="shapes-ae", in_channels=4, steps=14400,
-                          batch_size=64, ema_decay=0.999, guidance=3.0, guidance_negatives="other-shapes")
+                          batch_size=64, ema_decay=0.999, outline_weight=2.0, guidance=3.0,
+                          guidance_negatives="other-shapes")
 # Per class, the classes a model's guidance steers away from (written into its header, read by DiTGenerator).
 GUIDANCE_NEGATIVES = {"other-shapes": synthetic.same_colour_other_shapes}
 
@@ -146,7 +149,8 @@ def steps_per_second(recipe: DitRecipe, device: torch.device | str, timed: int =
     y = torch.randint(0, model.config.num_classes, (recipe.batch_size,), device=device)
 
     def step() -> None:
-        loss = diffusion.training_loss(model, x, y, min_snr_gamma=recipe.min_snr_gamma)
+        loss = diffusion.training_loss(model, x, y, min_snr_gamma=recipe.min_snr_gamma,
+                                       outline_weight=recipe.outline_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -198,7 +202,7 @@ def train_dit(recipe: DitRecipe, log_every: int | None = None, device: torch.dev
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         loss = diffusion.training_loss(model, x.to(device), labels[idx].to(device), generator=gen,
-                                       min_snr_gamma=recipe.min_snr_gamma)
+                                       min_snr_gamma=recipe.min_snr_gamma, outline_weight=recipe.outline_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
