@@ -24,7 +24,13 @@ from shardlight.models.dit import build_dit
 from shardlight.models.sampler import AutoencoderCodec, DiTGenerator
 from shardlight.models.weights import MODEL_DIR, read_weights_metadata
 from shardlight.training.synthetic import CLASS_NAMES
-from shardlight.training.train_autoencoder import AeRecipe, quick_recipe, save_autoencoder, train_autoencoder
+from shardlight.training.train_autoencoder import (
+    AeRecipe,
+    autoencoder_loss,
+    quick_recipe,
+    save_autoencoder,
+    train_autoencoder,
+)
 from shardlight.training.train_dit import LATENT_RECIPE, save_dit, train_dit
 from shardlight.training.train_dit import quick_recipe as quick_dit_recipe
 
@@ -95,6 +101,20 @@ def test_training_is_deterministic_and_reduces_the_loss():
     (a, log_a), (b, _) = train_autoencoder(recipe), train_autoencoder(recipe)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert log_a[-1]["l1"] < log_a[0]["l1"]
+
+
+def test_the_scale_equivariance_term_asks_the_half_size_image_of_the_half_size_latent():
+    model = tiny_autoencoder().train()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    plain, l1, kl = autoencoder_loss(model, x, AeRecipe(), torch.Generator().manual_seed(5))
+    assert torch.allclose(plain, l1 + AeRecipe().kl_weight * kl)
+    weighted, l1_again, _ = autoencoder_loss(model, x, AeRecipe(scale_equivariance=2.0), torch.Generator().manual_seed(5))
+    assert torch.equal(l1_again, l1)  # the same posterior draw
+    _, _, z = model(x, torch.Generator().manual_seed(5))
+    half = model.decoder(torch.nn.functional.avg_pool2d(z, 2))
+    assert half.shape == (3, 3, 8, 8)
+    expected = plain + 2.0 * (half - torch.nn.functional.avg_pool2d(x, 2)).abs().mean()
+    assert torch.allclose(weighted, expected, rtol=1e-6)
 
 
 # Training the latent DiT ---------------------------------------------------------------------------

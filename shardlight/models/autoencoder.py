@@ -112,13 +112,15 @@ class Autoencoder(nn.Module):
         """Diffusion latents → pixels in [-1, 1]."""
         return self.decoder(z / self.scale + self.shift).clamp(-1, 1)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass: a posterior sample through the decoder → (raw reconstruction, mean KL per latent element)."""
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass: a posterior sample z through the decoder → (raw reconstruction, mean KL per latent
+        element, z in the decoder's raw units)."""
         mean, logvar = self.encoder(x)
         noise = torch.randn(mean.shape, generator=generator).to(mean.device)  # CPU draws: same on every device
         z = mean + (0.5 * logvar).exp() * noise
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
-        return self.decoder(z), kl
+        return self.decoder(z), kl, z
 
     @torch.no_grad()
     def set_latent_scale(self, raw_means: torch.Tensor) -> None:

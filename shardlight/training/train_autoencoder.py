@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -58,6 +59,9 @@ class AeRecipe:
     lr: float = 2e-3  # AdamW, linear warm-up then cosine decay to 10%
     warmup_steps: int = 50
     kl_weight: float = 1e-4  # on the mean KL per latent element; L1 is the mean per pixel channel
+    # Scale equivariance (Skorokhodov et al. 2025): weight of L1(decoder(avgpool2 z), avgpool2 x), the half-size
+    # image from the half-size latent, which moves the latents' variance into their coarse band (docs/dit.md)
+    scale_equivariance: float = 0.0
     scale_images: int = 4096  # training images whose latents set the shift and scale
     threads: int = 2
     eval_seed: int = 1001
@@ -113,6 +117,18 @@ def _batch(pixels: torch.Tensor, recipe: AeRecipe, step: int, gen: torch.Generat
 
 # Training ----------------------------------------------------------------------------------------
 
+def autoencoder_loss(model: Autoencoder, x: torch.Tensor, recipe: AeRecipe, gen: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the loss to minimise, its reconstruction L1, its KL) for one batch of pixels in [-1, 1]."""
+    reconstruction, kl, z = model(x, gen)
+    l1 = (reconstruction - x).abs().mean()
+    loss = l1 + recipe.kl_weight * kl
+    if recipe.scale_equivariance:
+        half = model.decoder(F.avg_pool2d(z, 2))
+        loss = loss + recipe.scale_equivariance * (half - F.avg_pool2d(x, 2)).abs().mean()
+    return loss, l1, kl
+
+
 def train_autoencoder(recipe: AeRecipe, log_every: int | None = None) -> tuple[Autoencoder, list[dict]]:
     """The training loop, then the latent shift and scale; returns the model (eval mode) and a loss log."""
     log_every = log_every or max(1, recipe.steps // 25)
@@ -127,10 +143,9 @@ def train_autoencoder(recipe: AeRecipe, log_every: int | None = None) -> tuple[A
     model.train()
     for step in range(recipe.steps):
         x = _batch(pixels, recipe, step, gen)
-        reconstruction, kl = model(x, gen)
-        l1 = (reconstruction - x).abs().mean()
+        loss, l1, kl = autoencoder_loss(model, x, recipe, gen)
         opt.zero_grad(set_to_none=True)
-        (l1 + recipe.kl_weight * kl).backward()
+        loss.backward()
         opt.step()
         sched.step()
         running += l1.item()
