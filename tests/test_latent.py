@@ -191,7 +191,9 @@ def test_a_malformed_negatives_table_is_one_line(tmp_path):
     _, dit_path = write_latent_pair(tmp_path)
     meta = read_weights_metadata(str(dit_path))
     weights = load_file(str(dit_path))
-    for bad in ("[[1, 2], [3]]", "7", "[1, 2]", json.dumps([[99]] * len(CLASS_NAMES)), json.dumps([[]] * len(CLASS_NAMES))):
+    bad_tables = ("[[1, 2], [3]]", "7", "[1, 2]", "[[1, 2", json.dumps([[99]] * len(CLASS_NAMES)),
+                  json.dumps([[]] * len(CLASS_NAMES)))
+    for bad in bad_tables:
         save_file(weights, str(dit_path), metadata={**meta, "guidance_negatives": bad})
         with pytest.raises(ModelLoadError, match="guidance_negatives must list"):
             DiTGenerator(str(dit_path))

@@ -173,7 +173,10 @@ def _negatives_table(meta: dict[str, str], source: str | None, classes: int,
     (classes, k) tensor; None when the model guides from the null class. A malformed table is one line."""
     if "guidance_negatives" not in meta:
         return None
-    table = json.loads(meta["guidance_negatives"])
+    try:
+        table = json.loads(meta["guidance_negatives"])
+    except json.JSONDecodeError:
+        table = None  # not JSON: malformed like any other wrong shape
     rows = table if isinstance(table, list) and all(isinstance(row, list) for row in table) else []
     if (len(rows) != classes or len({len(row) for row in rows}) != 1 or not rows[0]
             or not all(isinstance(c, int) and 0 <= c < classes for row in rows for c in row)):
