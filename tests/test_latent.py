@@ -106,8 +106,9 @@ def test_training_is_deterministic_and_reduces_the_loss():
 def test_the_scale_equivariance_term_asks_the_half_size_image_of_the_half_size_latent():
     model = tiny_autoencoder().train()
     x = torch.rand(3, 3, 16, 16) * 2 - 1
-    plain, l1, kl = autoencoder_loss(model, x, AeRecipe(), torch.Generator().manual_seed(5))
-    assert torch.allclose(plain, l1 + AeRecipe().kl_weight * kl)
+    without = AeRecipe(scale_equivariance=0.0)
+    plain, l1, kl = autoencoder_loss(model, x, without, torch.Generator().manual_seed(5))
+    assert torch.allclose(plain, l1 + without.kl_weight * kl)
     weighted, l1_again, _ = autoencoder_loss(model, x, AeRecipe(scale_equivariance=2.0), torch.Generator().manual_seed(5))
     assert torch.equal(l1_again, l1)  # the same posterior draw
     _, _, z = model(x, torch.Generator().manual_seed(5))
@@ -267,8 +268,8 @@ def test_shipped_autoencoder_reconstructions_keep_their_class():
     assert vit_accuracy(rebuilt, labels, list(CLASS_NAMES))["vit_accuracy"] >= SHIPPED_VIT_MIN
 
 
-SHIPPED_PSNR_MIN = 25.0  # floors below the shipped card's numbers, with margin for 240 images
-SHIPPED_VIT_MIN = 0.85  # the card: 0.925 over 480 images (short of the 0.98 asked; see the card)
+SHIPPED_PSNR_MIN = 34.0  # floors below the shipped card's numbers, with margin for 240 images
+SHIPPED_VIT_MIN = 0.95  # the card: 0.983 over 480 images (0.98 asked); 0.994 and 0.992 on two other pools
 
 
 @pytest.mark.slow
