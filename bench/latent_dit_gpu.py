@@ -34,7 +34,7 @@ from flows.report.preview import contact_sheet
 from shardlight.models.autoencoder import autoencoder_file
 from shardlight.models.sampler import DiTGenerator
 from shardlight.models.weights import MODEL_DIR
-from shardlight.training.demo_models import decode, held_out_samples
+from shardlight.training.demo_models import decode, held_out_samples, metadata
 from shardlight.training.dit_eval import agreement_by_setting, evaluate_dit, generate_per_class, write_dit_card
 from shardlight.training.train_dit import (
     LATENT_DIT_NAME,
@@ -95,12 +95,12 @@ def train(args: argparse.Namespace, device: torch.device, start: float) -> tuple
 
 def sheet(args: argparse.Namespace, models: list[Path], device: torch.device, per_model: int = 4) -> Path:
     """Per class: `per_model` held-out real images (framed), then `per_model` from each model."""
-    real = [decode(s) for s in held_out_samples(args.seed, per_model)]
-    generated = [generate_per_class(DiTGenerator(str(m), device=device), per_model, args.seed)[0] for m in models]
+    held_out = held_out_samples(args.seed, per_model)
+    generated = [generate_per_class(DiTGenerator(str(m), device=device), per_model, args.seed) for m in models]
     rows = {}
     for c, name in enumerate(DiTGenerator(str(models[0]), device=device).class_names):
-        part = slice(c * per_model, (c + 1) * per_model)
-        rows[name] = [(im, "source") for im in real[part]] + [(im, "gen") for images in generated for im in images[part]]
+        real = [(decode(s), "source") for s in held_out if metadata(s)["label_id"] == c]
+        rows[name] = real + [(im, "gen") for images, labels in generated for im, y in zip(images, labels) if y == c]
     return contact_sheet(rows, args.out / "latent-vs-pixel.png", max_per_row=per_model * (1 + len(models)))
 
 

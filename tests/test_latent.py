@@ -272,6 +272,33 @@ SHIPPED_PSNR_MIN = 34.0  # floors below the shipped card's numbers, with margin 
 SHIPPED_VIT_MIN = 0.95  # the card: 0.983 over 480 images (0.98 asked); 0.994 and 0.992 on two other pools
 
 
+SHIPPED_LATENT_DIT = MODEL_DIR / "shapes-latent-dit.safetensors"
+# The card (configs/models/shapes-latent-dit.md, 20 per class): the demo ViT says the conditioning class for 0.73 of
+# its images (0.77 and 0.71 on two fresh seed sets; issue 24 asks 0.80); floors leave margin for 4 per class.
+LATENT_VIT_MIN = 0.55
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not SHIPPED_LATENT_DIT.is_file() or not SHIPPED_AE.is_file()
+                    or not (MODEL_DIR / "shapes-vit.safetensors").is_file(), reason="shipped latent DiT/ViT missing")
+def test_shipped_latent_dit_is_the_demo_config_s_and_generates_its_target_classes():
+    """configs/demo.yaml loads the latent DiT (by file; its autoencoder by the name in its header), and the demo
+    ViT recognises what it draws far above chance."""
+    from shardlight.core.config import CONFIG_DIR
+    from shardlight.training.dit_eval import generate_per_class, vit_accuracy
+
+    augment = load_config(CONFIG_DIR / "demo.yaml").augment
+    assert Path(augment.checkpoint) == SHIPPED_LATENT_DIT
+    gen = DiTGenerator(augment.checkpoint, augment.model, augment.vae)
+    assert isinstance(gen.codec, AutoencoderCodec) and gen.shape == (4, 16, 16)
+    assert read_weights_metadata(SHIPPED_LATENT_DIT)["autoencoder_sha256"] == \
+        read_weights_metadata(SHIPPED_AE)["weights_sha256"]  # trained on the shipped autoencoder's latents
+    images, labels = generate_per_class(gen, per_class=4, seed=7)
+    assert images[0].size == (64, 64)
+    assert vit_accuracy(images, labels, gen.class_names)["vit_accuracy"] >= LATENT_VIT_MIN
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_train_demo_models_quick_trains_the_autoencoder_then_the_latent_dit(tmp_path):
