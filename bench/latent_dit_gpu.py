@@ -96,9 +96,10 @@ def train(args: argparse.Namespace, device: torch.device, start: float) -> tuple
 def sheet(args: argparse.Namespace, models: list[Path], device: torch.device, per_model: int = 4) -> Path:
     """Per class: `per_model` held-out real images (framed), then `per_model` from each model."""
     held_out = held_out_samples(args.seed, per_model)
-    generated = [generate_per_class(DiTGenerator(str(m), device=device), per_model, args.seed) for m in models]
+    generators = [DiTGenerator(str(m), device=device) for m in models]
+    generated = [generate_per_class(gen, per_model, args.seed) for gen in generators]
     rows = {}
-    for c, name in enumerate(DiTGenerator(str(models[0]), device=device).class_names):
+    for c, name in enumerate(generators[0].class_names):
         real = [(decode(s), "source") for s in held_out if metadata(s)["label_id"] == c]
         rows[name] = real + [(im, "gen") for images, labels in generated for im, y in zip(images, labels) if y == c]
     return contact_sheet(rows, args.out / "latent-vs-pixel.png", max_per_row=per_model * (1 + len(models)))
