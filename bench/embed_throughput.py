@@ -25,6 +25,8 @@ whole `shardlight run` of that model (image + text, no labels, no index), as a r
   run           `shardlight run` in a fresh process, wall clock (Prefect server, Ray, model load included;
                 the Prefect database is created before, untimed), and its embedding stage's rate from the
                 run summary; with several --decode-schedule values, one run of each per round
+  CPU ceiling   on a machine without a GPU, the CPU seconds per image of the forward and of read+decode
+                (each timed by process CPU time) and the rate the cores allow when both share them
 """
 
 from __future__ import annotations
@@ -96,23 +98,27 @@ def whole_flow(config: Path, data: Path, out: Path) -> tuple[float, float]:
     return summary["images_per_s"], summary["rows"] / total
 
 
-def _decode_shards(shards: list[Path], preprocess) -> tuple[int, float, float]:
-    """One decode process: every sample of its shards read, decoded and transformed; (count, start, end)."""
+def _decode_shards(shards: list[Path], preprocess) -> tuple[int, float, float, float]:
+    """One decode process: every sample of its shards read, decoded and transformed; (count, start, end,
+    CPU seconds)."""
     torch.set_num_threads(1)  # a decode worker is one thread; the model owns the other threads
-    start, count = time.time(), 0
+    start, cpu, count = time.time(), time.process_time(), 0
     for shard in shards:
         for raw in ShardReader(str(shard)):
             if isinstance(raw, RawSample):
                 preprocess(decode(raw).image)
                 count += 1
-    return count, start, time.time()
+    return count, start, time.time(), time.process_time() - cpu
 
 
-def decode_rate(shards: list[Path], preprocess, workers: int) -> float:
-    """images/s of read+decode+transform in `workers` fresh processes, each given every workers-th shard."""
+def decode_rate(shards: list[Path], preprocess, workers: int) -> tuple[float, float]:
+    """images/s of read+decode+transform in `workers` fresh processes, each given every workers-th shard, and
+    the CPU seconds it cost per image."""
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         done = pool.starmap(_decode_shards, [(shards[w::workers], preprocess) for w in range(workers)])
-    return sum(n for n, _, _ in done) / (max(end for _, _, end in done) - min(start for _, start, _ in done))
+    count = sum(n for n, _, _, _ in done)
+    return count / (max(end for _, _, end, _ in done) - min(start for _, start, _, _ in done)), \
+        sum(cpu for _, _, _, cpu in done) / count
 
 
 def forward_batches(embedder: ShardEmbedder, shards: list[Path]) -> tuple[list, list[int]]:
@@ -130,27 +136,28 @@ def forward_batches(embedder: ShardEmbedder, shards: list[Path]) -> tuple[list, 
     return batches, tokens
 
 
-def forward_rates(embedder: ShardEmbedder, batches: list) -> tuple[float, float, float]:
+def forward_rates(embedder: ShardEmbedder, batches: list) -> tuple[float, float, float, float]:
     """images/s of the image tower, captions/s of the text tower alone (ClipEmbedder's own calls), one batch
-    a call and in the run's windows of `text_window` captions."""
+    a call and in the run's windows of `text_window` captions; and the CPU seconds per image of the image
+    tower plus the windowed text tower (all of this process's threads)."""
     embedder.clip.embed_images(batches[0][0])  # warm-up: first-call allocations
     embedder.clip.embed_texts(batches[0][1])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for px, _ in batches:
         embedder.clip.embed_images(px)
-    image_s = time.perf_counter() - start
+    image_s, image_cpu = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     for _, texts in batches:
         embedder.clip.embed_texts(texts)
     text_s = time.perf_counter() - start
     captions = [c for _, texts in batches for c in texts]
     window = embedder.text_window
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(captions), window):
         embedder.clip.embed_texts(captions[i: i + window])
-    windowed_s = time.perf_counter() - start
+    windowed_s, windowed_cpu = time.perf_counter() - start, time.process_time() - cpu
     n = len(captions)
-    return n / image_s, n / text_s, n / windowed_s
+    return n / image_s, n / text_s, n / windowed_s, (image_cpu + windowed_cpu) / n
 
 
 def model_stages(args) -> None:
@@ -161,7 +168,7 @@ def model_stages(args) -> None:
     speed drifts between minutes, and interleaving makes the drift hit both sides alike."""
     n = args.samples or args.shards * args.samples_per_shard
     schedules = args.decode_schedule
-    image, text, windowed = [], [], []
+    image, text, windowed, forward_cpu = [], [], [], []
     stage: dict[str, list[float]] = {s: [] for s in schedules}
     wall: dict[str, list[float]] = {s: [] for s in schedules}
     workers_seen: dict[str, str] = {}
@@ -174,8 +181,8 @@ def model_stages(args) -> None:
         cfg = load_config(configs[schedules[0]])
         embedder = ShardEmbedder(cfg.clip, cfg.labels, cfg.compute)
         workers = min(os.cpu_count() or 1, args.shards)
-        decode_one = decode_rate(shards, embedder.clip.preprocess, 1)
-        decode_all = decode_rate(shards, embedder.clip.preprocess, workers)
+        decode_one, decode_cpu = decode_rate(shards, embedder.clip.preprocess, 1)
+        decode_all, _ = decode_rate(shards, embedder.clip.preprocess, workers)
         threads = torch.get_num_threads()
         batches, tokens = forward_batches(embedder, shards)
         describe = ", ".join(f"{k} {v}" for k, v in embedder.describe().items()
@@ -186,7 +193,8 @@ def model_stages(args) -> None:
             steps = ["forward", *schedules[r % len(schedules):], *schedules[:r % len(schedules)]]
             for step in steps if r % 2 == 0 else steps[::-1]:
                 if step == "forward":
-                    i, t, w = forward_rates(embedder, batches)
+                    i, t, w, cpu = forward_rates(embedder, batches)
+                    forward_cpu.append(cpu)
                     image.append(i)
                     text.append(t)
                     windowed.append(w)
@@ -218,6 +226,16 @@ def model_stages(args) -> None:
                   ("text forward, windowed", med(windowed)), ("image+text forward, windowed", med(both_windowed)),
                   *runs], "÷ slowest", base=stages[slowest])
     print(f"slowest stage alone: {slowest}")
+    if not torch.cuda.is_available():
+        # Decoding and the forward share the CPU: each image costs the forward's CPU seconds plus its decode's
+        # (measured, so idle threads are not charged; threads spinning while they wait are).
+        cores = os.cpu_count() or 1
+        per_image = med(forward_cpu) + decode_cpu
+        ceiling = cores / per_image
+        print(f"CPU seconds per image: forward (image + windowed text) {med(forward_cpu) * 1e3:.1f} ms, "
+              f"read+decode {decode_cpu * 1e3:.1f} ms; both on these {cores} cores at those costs allow "
+              f"{ceiling:.1f}/s = {ceiling / med(both):.3f} of the image+text forward, "
+              f"{ceiling / med(both_windowed):.3f} of the windowed one")
     for s in schedules:
         print(f"the run's worker (decode {s}): {workers_seen[s]}")
     if slowest == "image+text forward" and args.rounds > 1:
