@@ -25,6 +25,9 @@ whole `shardlight run` of that model (image + text, no labels, no index), as a r
   run           `shardlight run` in a fresh process, wall clock (Prefect server, Ray, model load included;
                 the Prefect database is created before, untimed), and its embedding stage's rate from the
                 run summary; with several --decode-schedule values, one run of each per round
+  in-process    ShardEmbedder.process (the run's worker, decode schedule of the first --decode-schedule)
+                in this process, each shard between two bare forwards on its own tensors: its ratio per
+                shard, free of the drift between minutes that separates the forward from the run
   CPU ceiling   on a machine without a GPU, the CPU seconds per image of the forward and of read+decode
                 (each timed by process CPU time) and the rate the cores allow when both share them
 """
@@ -160,6 +163,22 @@ def forward_rates(embedder: ShardEmbedder, batches: list) -> tuple[float, float,
     return n / image_s, n / text_s, n / windowed_s, (image_cpu + windowed_cpu) / n
 
 
+def interleaved_pipeline(embedder: ShardEmbedder, shards: list[Path], out: Path) -> list[tuple[float, float, float]]:
+    """Per shard: the bare forward on its pre-made tensors, `ShardEmbedder.process` on the shard, the bare
+    forward again, all in this process and seconds apart, so the VM's drift hits both sides alike; after one
+    shard processed as a warm-up. (pipeline images/s, mean image+text forward, mean windowed) per shard."""
+    embedder.process(str(shards[0]), str(out / "warm-up"))
+    results = []
+    for shard in shards:
+        batches, _ = forward_batches(embedder, [shard])
+        before = forward_rates(embedder, batches)
+        stats = embedder.process(str(shard), str(out / "interleaved"))
+        after = forward_rates(embedder, batches)
+        both, windowed = ([1 / (1 / f[0] + 1 / f[k]) for f in (before, after)] for k in (1, 2))
+        results.append((stats["images_per_s"], statistics.mean(both), statistics.mean(windowed)))
+    return results
+
+
 def model_stages(args) -> None:
     """Each stage of a `--model` run alone, then the whole `shardlight run`, as ratios of the slowest stage.
 
@@ -208,6 +227,7 @@ def model_stages(args) -> None:
                     workers_seen[step] = worker_line(summary)
                     print(f"round {r + 1}: shardlight run (decode {step}) {wall[step][-1]:.1f}/s wall clock, "
                           f"{stage[step][-1]:.1f}/s in its embedding stage", flush=True)
+        interleaved = interleaved_pipeline(embedder, shards, tmp / "in-process")
         del embedder, batches
     both = [1 / (1 / i + 1 / t) for i, t in zip(image, text)]
     both_windowed = [1 / (1 / i + 1 / w) for i, w in zip(image, windowed)]
@@ -238,6 +258,11 @@ def model_stages(args) -> None:
               f"{ceiling / med(both_windowed):.3f} of the windowed one")
     for s in schedules:
         print(f"the run's worker (decode {s}): {workers_seen[s]}")
+    for k, name in ((1, "image+text forward"), (2, "image+text forward, windowed")):
+        per_shard = [r[0] / r[k] for r in interleaved]
+        print(f"ShardEmbedder.process in this process ÷ {name}, interleaved shard by shard: median "
+              f"{med(per_shard):.3f} (range {min(per_shard):.3f}–{max(per_shard):.3f}, {len(per_shard)} shards; "
+              f"pipeline {med(r[0] for r in interleaved):.1f}/s)")
     if slowest == "image+text forward" and args.rounds > 1:
         for s in schedules:
             for name, base in (("image+text forward", both), ("image+text forward, windowed", both_windowed)):
