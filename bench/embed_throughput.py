@@ -182,9 +182,10 @@ def interleaved_pipeline(embedder: ShardEmbedder, shards: list[Path], out: Path)
 def model_stages(args) -> None:
     """Each stage of a `--model` run alone, then the whole `shardlight run`, as ratios of the slowest stage.
 
-    With `--rounds N` the forward and the run alternate (forward then run, then run then forward, …) and every
-    figure is the median over the rounds, the run's ratio to the forward taken within each round: this VM's
-    speed drifts between minutes, and interleaving makes the drift hit both sides alike."""
+    With `--rounds N` the forward and the runs alternate, forward first and last (forward, runs, forward, …,
+    forward), and every figure is the median over the rounds; each run's ratio is to the mean of the forwards
+    just before and just after it: this VM's speed drifts between minutes, and bracketing makes the drift hit
+    both sides alike."""
     n = args.samples or args.shards * args.samples_per_shard
     schedules = args.decode_schedule
     image, text, windowed, forward_cpu = [], [], [], []
@@ -208,16 +209,16 @@ def model_stages(args) -> None:
                              if k != "dim" and not k.startswith("decode"))
         env = bench_env(tmp)
         prime_prefect(env)
-        for r in range(args.rounds):
+        for r in range(args.rounds + 1):
             steps = ["forward", *schedules[r % len(schedules):], *schedules[:r % len(schedules)]]
-            for step in steps if r % 2 == 0 else steps[::-1]:
+            for step in steps if r < args.rounds else ["forward"]:
                 if step == "forward":
                     i, t, w, cpu = forward_rates(embedder, batches)
                     forward_cpu.append(cpu)
                     image.append(i)
                     text.append(t)
                     windowed.append(w)
-                    print(f"round {r + 1}: image {i:.1f}/s, text {t:.1f}/s (windowed {w:.1f}/s), image+text "
+                    print(f"forward {r + 1}: image {i:.1f}/s, text {t:.1f}/s (windowed {w:.1f}/s), image+text "
                           f"{1 / (1 / i + 1 / t):.1f}/s (windowed {1 / (1 / i + 1 / w):.1f}/s)", flush=True)
                 else:
                     out = tmp / f"run-out-{r}-{step}"
@@ -236,7 +237,7 @@ def model_stages(args) -> None:
     slowest = min(stages, key=stages.get)
     print(f"\n{machine()}; {args.model} random weights ({describe}, {threads} torch threads); {n} images of "
           f"256 px in {args.shards} shards; caption tokens median {statistics.median(tokens):.0f}, max {max(tokens)}"
-          f"; rounds: {args.rounds}, forward and runs alternating (medians)")
+          f"; rounds: {args.rounds}, each run between two forwards (medians)")
     runs = []
     for s in schedules:
         runs += [(f"shardlight run ({s}), embedding stage", med(stage[s])),
@@ -263,11 +264,11 @@ def model_stages(args) -> None:
         print(f"ShardEmbedder.process in this process ÷ {name}, interleaved shard by shard: median "
               f"{med(per_shard):.3f} (range {min(per_shard):.3f}–{max(per_shard):.3f}, {len(per_shard)} shards; "
               f"pipeline {med(r[0] for r in interleaved):.1f}/s)")
-    if slowest == "image+text forward" and args.rounds > 1:
+    if slowest == "image+text forward":
         for s in schedules:
             for name, base in (("image+text forward", both), ("image+text forward, windowed", both_windowed)):
-                per_round = [x / b for x, b in zip(stage[s], base)]
-                print(f"embedding stage (decode {s}) ÷ {name} within each round: median "
+                per_round = [x / statistics.mean(base[r: r + 2]) for r, x in enumerate(stage[s])]
+                print(f"embedding stage (decode {s}) ÷ {name}, the forwards either side: median "
                       f"{med(per_round):.3f} (per round {', '.join(f'{x:.3f}' for x in per_round)})")
 
 
