@@ -163,6 +163,11 @@ def forward_rates(embedder: ShardEmbedder, batches: list) -> tuple[float, float,
     return n / image_s, n / text_s, n / windowed_s, (image_cpu + windowed_cpu) / n
 
 
+def in_turn(image_rate: float, text_rate: float) -> float:
+    """images/s of the image tower and then the text tower over the same images: their times add."""
+    return 1 / (1 / image_rate + 1 / text_rate)
+
+
 def interleaved_pipeline(embedder: ShardEmbedder, shards: list[Path], out: Path) -> list[tuple[float, float, float]]:
     """Per shard: the bare forward on its pre-made tensors, `ShardEmbedder.process` on the shard, the bare
     forward again, all in this process and seconds apart, so the VM's drift hits both sides alike; after one
@@ -174,8 +179,8 @@ def interleaved_pipeline(embedder: ShardEmbedder, shards: list[Path], out: Path)
         before = forward_rates(embedder, batches)
         stats = embedder.process(str(shard), str(out / "interleaved"))
         after = forward_rates(embedder, batches)
-        both, windowed = ([1 / (1 / f[0] + 1 / f[k]) for f in (before, after)] for k in (1, 2))
-        results.append((stats["images_per_s"], statistics.mean(both), statistics.mean(windowed)))
+        results.append((stats["images_per_s"], *(statistics.mean(in_turn(f[0], f[k]) for f in (before, after))
+                                                  for k in (1, 2))))
     return results
 
 
@@ -219,7 +224,7 @@ def model_stages(args) -> None:
                     text.append(t)
                     windowed.append(w)
                     print(f"forward {r + 1}: image {i:.1f}/s, text {t:.1f}/s (windowed {w:.1f}/s), image+text "
-                          f"{1 / (1 / i + 1 / t):.1f}/s (windowed {1 / (1 / i + 1 / w):.1f}/s)", flush=True)
+                          f"{in_turn(i, t):.1f}/s (windowed {in_turn(i, w):.1f}/s)", flush=True)
                 else:
                     out = tmp / f"run-out-{r}-{step}"
                     seconds, summary = run_shardlight(configs[step], tmp / "data", out, env)
@@ -230,8 +235,8 @@ def model_stages(args) -> None:
                           f"{stage[step][-1]:.1f}/s in its embedding stage", flush=True)
         interleaved = interleaved_pipeline(embedder, shards, tmp / "in-process")
         del embedder, batches
-    both = [1 / (1 / i + 1 / t) for i, t in zip(image, text)]
-    both_windowed = [1 / (1 / i + 1 / w) for i, w in zip(image, windowed)]
+    both = [in_turn(i, t) for i, t in zip(image, text)]
+    both_windowed = [in_turn(i, w) for i, w in zip(image, windowed)]
     med = statistics.median
     stages = {f"read+decode, {workers} workers": decode_all, "image+text forward": med(both)}
     slowest = min(stages, key=stages.get)
@@ -250,20 +255,20 @@ def model_stages(args) -> None:
     if not torch.cuda.is_available():
         # Decoding and the forward share the CPU: each image costs the forward's CPU seconds plus its decode's
         # (measured, so idle threads are not charged; threads spinning while they wait are).
-        cores = os.cpu_count() or 1
-        per_image = med(forward_cpu) + decode_cpu
-        ceiling = cores / per_image
-        print(f"CPU seconds per image: forward (image + windowed text) {med(forward_cpu) * 1e3:.1f} ms, "
+        cores, forward_per_image = os.cpu_count() or 1, med(forward_cpu)
+        ceiling = cores / (forward_per_image + decode_cpu)
+        print(f"CPU seconds per image: forward (image + windowed text) {forward_per_image * 1e3:.1f} ms, "
               f"read+decode {decode_cpu * 1e3:.1f} ms; both on these {cores} cores at those costs allow "
               f"{ceiling:.1f}/s = {ceiling / med(both):.3f} of the image+text forward, "
               f"{ceiling / med(both_windowed):.3f} of the windowed one")
     for s in schedules:
         print(f"the run's worker (decode {s}): {workers_seen[s]}")
+    pipeline = med(r[0] for r in interleaved)
     for k, name in ((1, "image+text forward"), (2, "image+text forward, windowed")):
         per_shard = [r[0] / r[k] for r in interleaved]
         print(f"ShardEmbedder.process in this process ÷ {name}, interleaved shard by shard: median "
               f"{med(per_shard):.3f} (range {min(per_shard):.3f}–{max(per_shard):.3f}, {len(per_shard)} shards; "
-              f"pipeline {med(r[0] for r in interleaved):.1f}/s)")
+              f"pipeline {pipeline:.1f}/s)")
     if slowest == "image+text forward":
         for s in schedules:
             for name, base in (("image+text forward", both), ("image+text forward, windowed", both_windowed)):
