@@ -102,8 +102,9 @@ def plan_shards(cfg: RunConfig) -> dict:
 
 def images_per_s(rows: int, wall_s: float, embed_s: float, augment_s: float) -> float:
     """THE images/s of a run, shown alike by the progress bar and the summary: input rows embedded per second
-    of the shard stage's wall time, credited with embedding's share of the actors' work (they also augment).
-    0.0 when nothing was embedded."""
+    of the shard stage's wall time from its first worker being up to its last shard done (starting Ray, the
+    actors and their models is `worker_startup_s`; it and their shutdown are in the wall clock, not the rate),
+    credited with embedding's share of the actors' work (they also augment). 0.0 when nothing was embedded."""
     work_s = embed_s + augment_s
     embed_wall_s = wall_s * embed_s / work_s if work_s else wall_s
     return round(rows / embed_wall_s, 2) if rows and embed_wall_s > 0 else 0.0
@@ -143,6 +144,10 @@ class _ShardProgress:
         self.bar.set_postfix(postfix)
         self.bar.update(1)
 
+    def workers_up(self) -> None:
+        """The rate counts from here: the workers' start-up is not embedding."""
+        self.start = time.perf_counter()
+
     def close(self) -> None:
         self.bar.close()
         self._logs.close()
@@ -154,13 +159,12 @@ def shard_stage(cfg: RunConfig, shards: list[str]) -> tuple[dict, dict]:
     pool (each actor loads the models once for both); returns (embedded, augmented) results."""
     augment = cfg.augment.enabled
     todo = stages_todo(cfg.output, shards, augment)  # a retried task skips what it finished
-    embedded = {"stats": [], "failed": {}, "worker": {}, "seconds": 0.0}
+    embedded = {"stats": [], "failed": {}, "worker": {}, "seconds": 0.0, "startup_s": 0.0}
     augmented = {"stats": [], "failed": {}}
     if not todo:
         log.info("nothing to do: every shard already has its outputs")
         return embedded, augmented
-    start = time.perf_counter()
-    progress = _ShardProgress("embedding + augmenting" if augment else "embedding", len(todo), start)
+    progress = _ShardProgress("embedding + augmenting" if augment else "embedding", len(todo), time.perf_counter())
 
     def on_done(result: dict) -> None:
         progress(result)
@@ -171,13 +175,13 @@ def shard_stage(cfg: RunConfig, shards: list[str]) -> tuple[dict, dict]:
             log.error("augmenting %s failed: %s", result["shard"], result["augment_error"])
 
     try:
-        result = process_shards(cfg, cfg.output, todo, on_done)
+        result = process_shards(cfg, cfg.output, todo, on_done, progress.workers_up)
     finally:
         progress.close()
     for shard, reason in result.failed.items():
         log.error("shard %s failed: %s", shard, reason)
     embedded.update(stats=[r["embed"] for r in result.stats if r["embed"]], failed=result.failed,
-                    worker=result.worker, seconds=round(time.perf_counter() - start, 3))
+                    worker=result.worker, startup_s=result.startup_s, seconds=result.work_s)
     augmented.update(stats=[r["augment"] for r in result.stats if r["augment"]],
                      failed={r["shard"]: r["augment_error"] for r in result.stats if r["augment_error"]})
     if augment:
@@ -262,6 +266,7 @@ def summarize(cfg: RunConfig, plan: dict, embedded: dict, index: dict | None, au
         "shard_problems": {s["shard"]: s["problem"] for s in stats if s.get("problem")},
         "new_rows": new_rows,
         "images_per_s": rate,
+        "worker_startup_s": embedded["startup_s"],
         "worker": embedded["worker"],
         "augment": augment_totals(cfg, plan["shards"], augmented),
         "index": None if index is None else {"count": index["count"], "factory": index["factory"],

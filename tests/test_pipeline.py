@@ -43,6 +43,7 @@ def test_one_parquet_per_shard_and_counts_reconcile(first_run):
     assert worker["decode_schedule"] == "between" and worker["decode_workers"] == 2
     assert worker["nice"] == 0  # not Ray's default 15, below every other process on the node
     assert worker["malloc_kept"]  # its batches reuse freed pages (workers/memory.py)
+    assert summary["worker_startup_s"] > 0  # reported beside the rate, which counts from the workers being up
     for shard in ("00000", "00001", "00002", "00003"):
         rows = pq.read_table(f"{out}/embeddings/{shard}.parquet").num_rows
         dropped = sum(e["dropped"] for e in pq.read_table(f"{out}/errors/{shard}.parquet").to_pylist())
@@ -143,7 +144,7 @@ def test_embedding_rate_counts_only_the_embedding_share_of_the_stage(tmp_path):
     from shardlight.core.config import RunConfig
 
     cfg = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
-    embedded = {"stats": [{"rows": 100, "seconds": 3.0}], "failed": {}, "worker": {}, "seconds": 8.0}
+    embedded = {"stats": [{"rows": 100, "seconds": 3.0}], "failed": {}, "worker": {}, "seconds": 8.0, "startup_s": 2.0}
     augmented = {"stats": [{"rows": 10, "seconds": 1.0}], "failed": {}}
     summary = summarize(cfg, {"shards": [], "todo": []}, embedded, None, augmented)
     assert summary["new_rows"] == 100 and summary["images_per_s"] == round(100 / (8.0 * 3 / 4), 2)
@@ -152,22 +153,26 @@ def test_embedding_rate_counts_only_the_embedding_share_of_the_stage(tmp_path):
 
 
 def test_progress_bar_and_summary_show_one_images_per_s_and_zero_for_nothing_to_do(tmp_path):
-    """The bar's img_s after the last shard is the summary's images_per_s (one definition); no work: 0.0."""
+    """The bar's img_s after the last shard is the summary's images_per_s (one definition, counted from the
+    workers being up: their start-up is reported on its own); no work: 0.0."""
     from unittest import mock
 
     from flows.pipeline import _ShardProgress, summarize
     from shardlight.core.config import RunConfig
 
     cfg = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
-    with mock.patch("flows.pipeline.time.perf_counter", return_value=108.0):
+    with mock.patch("flows.pipeline.time.perf_counter", side_effect=[102.0, 108.0]):
         bar = _ShardProgress("embedding + augmenting", 1, start=100.0)
+        bar.workers_up()
         bar({"embed": {"rows": 100, "seconds": 3.0}, "augment": {"generated": 10, "seconds": 1.0}})
         shown = bar.bar.postfix
         bar.close()
-    embedded = {"stats": [{"rows": 100, "seconds": 3.0}], "failed": {}, "worker": {}, "seconds": 8.0}
+    embedded = {"stats": [{"rows": 100, "seconds": 3.0}], "failed": {}, "worker": {}, "seconds": 6.0, "startup_s": 2.0}
     summary = summarize(cfg, {"shards": [], "todo": []}, embedded, None,
                         {"stats": [{"rows": 10, "seconds": 1.0}], "failed": {}})
-    assert f"img_s={summary['images_per_s']:.2f}" in shown
-    idle = summarize(cfg, {"shards": [], "todo": []}, {"stats": [], "failed": {}, "worker": {}, "seconds": 0.0}, None,
+    assert f"img_s={summary['images_per_s']:.2f}" in shown and summary["images_per_s"] == round(100 / 4.5, 2)
+    assert summary["worker_startup_s"] == 2.0
+    idle = summarize(cfg, {"shards": [], "todo": []},
+                     {"stats": [], "failed": {}, "worker": {}, "seconds": 0.0, "startup_s": 0.0}, None,
                      {"stats": [], "failed": {}})
     assert idle["images_per_s"] == 0.0

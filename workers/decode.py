@@ -81,6 +81,9 @@ class _Stopped(Exception):
 
 
 _END = object()
+# How long `start` waits for its processes; one that is not up by then (or died) is the first shard's to
+# meet, where a broken pool is restarted as it is mid-shard.
+START_TIMEOUT_S = 60.0
 
 
 def produced_ahead(produce: Callable[[Callable[[object], None]], None], depth: int, name: str) -> Iterator:
@@ -210,13 +213,15 @@ class CpuDecoder:
                 "decode_schedule": "between" if self.between else "beside"}
 
     def start(self) -> None:
-        """Start the decode processes now, while the worker loads its models: each takes a good half second
-        to start (a spawned Python), which the first shard's first batch would otherwise wait for."""
+        """Start the decode processes and return once each is up: each takes a good half second to start (a
+        spawned Python), which the first shard's first batch would otherwise wait for while the model idles.
+        Called when the worker is built, so this counts as the worker's start-up, not as its first shard."""
         if self.workers and self._pool is None:
             self._pool = self._new_pool()
             if self.mode == "process":
-                for _ in range(self.workers):  # the pool starts a process per task waiting for one
-                    self._pool.submit(os.getpid)
+                # The pool starts a process per task waiting for one; a reply means its initializer has run.
+                started = [self._pool.submit(os.getpid) for _ in range(self.workers)]
+                cf.wait(started, timeout=START_TIMEOUT_S)
 
     def pids(self) -> list[int]:
         """The decode processes' ids (for tests and diagnostics)."""

@@ -13,17 +13,20 @@ batch order: the window changes no row, its order, or its vectors beyond float r
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from shardlight.core.config import ClipSpec, ComputeSpec, LabelSpec
 from shardlight.core.layout import STATS_KEY, embeddings_path, errors_path
-from shardlight.core.schema import Row, SampleError, errors_table, rows_table, write_table
+from shardlight.core.schema import Row, SampleError, errors_table, parquet_bytes, rows_table, write_table
 from shardlight.models.clip import ClipEmbedder
 from shardlight.models.device import pick_batch_size, pick_device, pick_dtype
 from shardlight.models.labelers import Labels, build_labeler
@@ -31,7 +34,7 @@ from workers.cpus import apply_threads, held_cpus, model_threads
 from workers.decode import DecodedBatch, DecodeSpecs, SampleMeta
 from workers.decoders import decode_between, make_decoder
 from workers.memory import keep_freed_memory
-from workers.reader import DecodedSample, ShardReader
+from workers.reader import DecodedSample, RawSample, ShardReader
 from workers.reader_process import ReaderProcess
 from workers.text import TextPool, text_processes
 
@@ -74,7 +77,8 @@ class ShardEmbedder:
         # Where captions are tokenised in helper processes (a GPU worker with CPUs to spare), the shard is
         # read in one too: this process then only feeds the GPU (docs/operations.md, "GPU decoding").
         self.reading = ReaderProcess() if processes else None
-        self.decoder.start()  # its processes start while the first shard is on its way
+        self.decoder.start()  # up before the first shard comes: their start-up is the worker's, not the shard's
+        self.warm_up()
 
     def _specs(self, compute: ComputeSpec) -> DecodeSpecs:
         """uint8 pixel specs where the models' transforms split; their own transforms otherwise."""
@@ -96,24 +100,27 @@ class ShardEmbedder:
             if helper:
                 helper.close()
 
+    def warm_up(self) -> None:
+        """One batch of made-up samples through every part a shard goes through — decode workers, image tower,
+        labeler, text tower at several caption lengths, a Parquet table — with nothing written. The first
+        calls pick kernels (oneDNN, cuDNN), map the activations' memory and import the writer; done here,
+        that is the worker's start-up, which overlaps the driver's, and the first shard runs at the rate of
+        the rest."""
+        jpeg = io.BytesIO()
+        Image.linear_gradient("L").convert("RGB").save(jpeg, format="JPEG")
+        words = "a photo of a small red square on a plain grey background seen from above in soft light".split()
+        samples = [RawSample(key=f"warm-up-{i}", shard="warm-up", image=jpeg.getvalue(), image_format="jpg",
+                             caption=" ".join(words[: 1 + i % len(words)]), meta={}, tar_offset=None, tar_size=None)
+                   for i in range(self.batch_size)]
+        rows, _ = self._embed(samples)
+        parquet_bytes(rows_table(rows, self.clip.dim))
+
     def process(self, shard_url: str, out: str) -> dict:
         """Embed one shard and write its outputs; returns the shard's stats."""
         start = time.perf_counter()
         reader = self.reading.open(shard_url) if self.reading else ShardReader(shard_url)
-        errors: list[SampleError] = []
-        rows: list[Row] = []
         fallbacks = self._fallbacks()
-        batches = self.decoder.batches(reader)
-        with_tokens = self.text.ahead(batches, _captions) if self.text else ((b, None) for b in batches)
-        waiting: list[ImagesDone] = []
-        for batch, tokens in with_tokens:
-            errors.extend(batch.errors)
-            if batch.samples:
-                waiting.append(self._embed_images(batch, tokens))
-                if sum(len(w.with_text) for w in waiting) >= self.text_window:
-                    rows.extend(self._finish(waiting))
-                    waiting = []
-        rows.extend(self._finish(waiting))
+        rows, errors = self._embed(reader)
         if reader.problem:
             errors.append(SampleError(None, reader.name, "shard", reader.problem, dropped=False))
         dropped = sum(e.dropped for e in errors)
@@ -129,6 +136,23 @@ class ShardEmbedder:
         table = rows_table(rows, self.clip.dim)
         write_table(embeddings_path(out, reader.name), table, {STATS_KEY: json.dumps(stats).encode()})
         return stats
+
+    def _embed(self, samples: Iterable[RawSample | SampleError]) -> tuple[list[Row], list[SampleError]]:
+        """Rows for the samples that decode, in order, and the error records of the rest."""
+        errors: list[SampleError] = []
+        rows: list[Row] = []
+        batches = self.decoder.batches(samples)
+        with_tokens = self.text.ahead(batches, _captions) if self.text else ((b, None) for b in batches)
+        waiting: list[ImagesDone] = []
+        for batch, tokens in with_tokens:
+            errors.extend(batch.errors)
+            if batch.samples:
+                waiting.append(self._embed_images(batch, tokens))
+                if sum(len(w.with_text) for w in waiting) >= self.text_window:
+                    rows.extend(self._finish(waiting))
+                    waiting = []
+        rows.extend(self._finish(waiting))
+        return rows, errors
 
     def _fallbacks(self) -> int:
         """Images the GPU decoder handed to the CPU so far (0 for the CPU decoder)."""

@@ -196,6 +196,8 @@ class PoolResult:
     failed: dict[str, str] = field(default_factory=dict)  # shard url -> reason
     retried: list[str] = field(default_factory=list)  # shards re-queued after their worker died
     worker: dict = field(default_factory=dict)
+    startup_s: float = 0.0  # from the stage's call until its first worker was ready (Ray, actors, models)
+    work_s: float = 0.0  # from then until the last shard's result came back (not the workers' shutdown)
 
 
 class ShardPool:
@@ -324,18 +326,25 @@ def _cause(err: Exception) -> str:
 
 
 def run_stage(cfg: RunConfig, out: str, shards: list[str], builder: Callable, args: tuple,
-              on_done: Callable[[dict], None] | None = None) -> PoolResult:
-    """Process `shards` with `builder(*args)` workers on Ray; returns per-shard stats (starts Ray if needed)."""
+              on_done: Callable[[dict], None] | None = None,
+              on_ready: Callable[[], None] | None = None) -> PoolResult:
+    """Process `shards` with `builder(*args)` workers on Ray; returns per-shard stats (starts Ray if needed).
+    `on_ready()` is called once the first worker is up, before any shard is handed out."""
+    t0 = time.perf_counter()
     started = connect(cfg.ray)
     try:
         plan = plan_pool(cfg, len(shards))
         log.info("Ray pool: %s for %d shard(s) (%s)", plan.describe(), len(shards), builder.__name__)
-        t0 = time.perf_counter()
         pool = ShardPool(builder, args, out, plan, cfg.ray.max_retries_per_shard, cfg.ray.start_timeout_s)
-        log.info("workers ready in %.1fs on %s (%s, batch %s)", time.perf_counter() - t0,
+        up = time.perf_counter()
+        log.info("workers ready in %.1fs on %s (%s, batch %s)", up - t0,
                  pool.worker["device"], pool.worker["dtype"], pool.worker["batch_size"])
+        if on_ready:
+            on_ready()
         try:
-            return pool.run(shards, on_done)
+            result = pool.run(shards, on_done)
+            result.startup_s, result.work_s = round(up - t0, 3), round(time.perf_counter() - up, 3)
+            return result
         finally:
             pool.close()
     finally:

@@ -55,10 +55,10 @@ class ShardWorker:
         return result
 
 
-def process_shards(cfg: RunConfig, out: str, shards: list[str],
-                   on_done: Callable[[dict], None] | None = None) -> PoolResult:
+def process_shards(cfg: RunConfig, out: str, shards: list[str], on_done: Callable[[dict], None] | None = None,
+                   on_ready: Callable[[], None] | None = None) -> PoolResult:
     """The run's shard work: CLIP embeddings and labels, then DiT augmentations when enabled, one actor pool."""
-    return run_stage(cfg, out, shards, ShardWorker, _worker_args(cfg), on_done)
+    return run_stage(cfg, out, shards, ShardWorker, _worker_args(cfg), on_done, on_ready)
 
 
 def start_shard_workers_ahead(cfg: RunConfig, shards: int) -> PoolPlan:

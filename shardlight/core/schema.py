@@ -184,11 +184,16 @@ def errors_table(errors: list[SampleError]) -> pa.Table:
     return pa.Table.from_pylist([asdict(e) for e in errors], schema=ERROR_SCHEMA)
 
 
-def write_table(url: str, table: pa.Table, metadata: dict | None = None) -> None:
-    """Write a Parquet file atomically, with optional key-value metadata (the shard's stats)."""
+def parquet_bytes(table: pa.Table, metadata: dict | None = None) -> bytes:
+    """A Parquet file's bytes, with optional key-value metadata (the shard's stats)."""
     if metadata:
         existing = table.schema.metadata or {}
         table = table.replace_schema_metadata({**existing, **metadata})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    write_atomic(url, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_table(url: str, table: pa.Table, metadata: dict | None = None) -> None:
+    """Write a Parquet file atomically, with optional key-value metadata (the shard's stats)."""
+    write_atomic(url, parquet_bytes(table, metadata))
