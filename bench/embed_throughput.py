@@ -232,7 +232,8 @@ def model_stages(args) -> None:
                     wall[step].append(summary["rows"] / seconds)
                     workers_seen[step] = worker_line(summary)
                     print(f"round {r + 1}: shardlight run (decode {step}) {wall[step][-1]:.1f}/s wall clock, "
-                          f"{stage[step][-1]:.1f}/s in its embedding stage", flush=True)
+                          f"{stage[step][-1]:.1f}/s in its embedding stage (counted from its workers up, "
+                          f"{summary['worker_startup_s']:.1f} s after it began)", flush=True)
         interleaved = interleaved_pipeline(embedder, shards, tmp / "in-process")
         del embedder, batches
     both = [in_turn(i, t) for i, t in zip(image, text)]
