@@ -108,7 +108,8 @@ def _print_summary(s: dict) -> None:
     if s["processed"] == 0 and not s["failed"] and not (s.get("augment") or {}).get("processed"):
         console.print(f"[bold]nothing to do:[/] all {s['shards']} shard(s) were already processed")
     table = Table(title="run summary", show_header=False)
-    for name in ("shards", "processed", "skipped", "samples_read", "rows", "errors", "no_caption", "images_per_s"):
+    for name in ("shards", "processed", "skipped", "samples_read", "rows", "errors", "no_caption", "images_per_s",
+                 "worker_startup_s"):
         table.add_row(name, str(s[name]))
     aug = s.get("augment")
     if aug:
