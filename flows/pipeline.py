@@ -124,11 +124,11 @@ class _ShardProgress:
     While it is shown, console log lines go through `tqdm.write`: printed above the bar, never into its line.
     """
 
-    def __init__(self, desc: str, total: int, start: float):
+    def __init__(self, desc: str, total: int):
         self._logs = contextlib.ExitStack()
         self._logs.enter_context(logging_redirect_tqdm(loggers=_console_loggers()))
         self.bar = tqdm(total=total, unit="shard", desc=desc, dynamic_ncols=True)
-        self.rows, self.generated, self.start = 0, 0, start
+        self.rows, self.generated, self.start = 0, 0, time.perf_counter()  # until `workers_up`
         self.embed_s, self.augment_s = 0.0, 0.0
 
     def __call__(self, result: dict) -> None:
@@ -164,7 +164,7 @@ def shard_stage(cfg: RunConfig, shards: list[str]) -> tuple[dict, dict]:
     if not todo:
         log.info("nothing to do: every shard already has its outputs")
         return embedded, augmented
-    progress = _ShardProgress("embedding + augmenting" if augment else "embedding", len(todo), time.perf_counter())
+    progress = _ShardProgress("embedding + augmenting" if augment else "embedding", len(todo))
 
     def on_done(result: dict) -> None:
         progress(result)

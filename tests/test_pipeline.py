@@ -161,8 +161,8 @@ def test_progress_bar_and_summary_show_one_images_per_s_and_zero_for_nothing_to_
     from shardlight.core.config import RunConfig
 
     cfg = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
-    with mock.patch("flows.pipeline.time.perf_counter", side_effect=[102.0, 108.0]):
-        bar = _ShardProgress("embedding + augmenting", 1, start=100.0)
+    with mock.patch("flows.pipeline.time.perf_counter", side_effect=[100.0, 102.0, 108.0]):
+        bar = _ShardProgress("embedding + augmenting", 1)
         bar.workers_up()
         bar({"embed": {"rows": 100, "seconds": 3.0}, "augment": {"generated": 10, "seconds": 1.0}})
         shown = bar.bar.postfix

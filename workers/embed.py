@@ -108,8 +108,9 @@ class ShardEmbedder:
         the rest."""
         jpeg = io.BytesIO()
         Image.linear_gradient("L").convert("RGB").save(jpeg, format="JPEG")
+        image = jpeg.getvalue()
         words = "a photo of a small red square on a plain grey background seen from above in soft light".split()
-        samples = [RawSample(key=f"warm-up-{i}", shard="warm-up", image=jpeg.getvalue(), image_format="jpg",
+        samples = [RawSample(key=f"warm-up-{i}", shard="warm-up", image=image, image_format="jpg",
                              caption=" ".join(words[: 1 + i % len(words)]), meta={}, tar_offset=None, tar_size=None)
                    for i in range(self.batch_size)]
         rows, _ = self._embed(samples)
