@@ -150,6 +150,24 @@ def test_training_resumes_from_its_checkpoint_exactly_as_if_never_stopped(tmp_pa
     assert "\n" not in str(err.value)
 
 
+def test_a_bf16_recipe_trains_in_mixed_precision_and_a_wrong_precision_is_refused_in_one_line(tmp_path):
+    """`precision: bf16` runs the forward under autocast (the fp32 weights are what is trained and shipped) and
+    lands near the fp32 run from the same draws; an unknown precision names itself before any work."""
+    ae_path, _ = write_latent_pair(tmp_path)
+    recipe = replace(quick_dit_recipe(LATENT_RECIPE), model="DiT-Tiny/2", model_size=8, autoencoder=str(ae_path),
+                     steps=4, warmup_steps=1)
+    data = (torch.randn(40, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(40) % len(CLASS_NAMES))
+    full, full_log = train_dit(recipe, log_every=2, data=data)
+    mixed, mixed_log = train_dit(replace(recipe, precision="bf16"), log_every=2, data=data)
+    assert all(v.dtype == torch.float32 for v in mixed.state_dict().values())
+    assert [e["step"] for e in mixed_log] == [2, 4]
+    assert all(abs(a["loss"] - b["loss"]) < 0.05 * b["loss"] for a, b in zip(mixed_log, full_log))
+    assert any(not torch.equal(full.state_dict()[k], v) for k, v in mixed.state_dict().items())  # bf16 really ran
+    with pytest.raises(InputError, match="precision 'fp8'") as err:
+        train_dit(replace(recipe, precision="fp8"), data=data)
+    assert "\n" not in str(err.value)
+
+
 # The latent codec in the sampler -------------------------------------------------------------------
 
 def test_latent_dit_generates_and_varies_through_its_autoencoder(tmp_path):

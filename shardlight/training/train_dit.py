@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from shardlight.core.errors import InputError
 from shardlight.models.autoencoder import autoencoder_file, load_autoencoder
+from shardlight.models.device import autocast
 from shardlight.models.diffusion import Diffusion
 from shardlight.models.dit import build_dit
 from shardlight.models.sampler import PixelCodec
@@ -67,6 +68,7 @@ class DitRecipe:
     outline_weight: float = 0.0  # λ: the loss weighs positions where x0 changes up to (1 + λ·e/ē) (diffusion.py)
     hflip: bool = True  # random horizontal flips (shape classes are mirror-invariant)
     threads: int = 2  # torch CPU threads
+    precision: str = "fp32"  # "bf16": forward and loss under bf16 autocast; weights, optimizer and EMA stay fp32
     guidance: float = 4.0  # shipped classifier-free guidance scale
     guidance_negatives: str | None = None  # None: guide from the null class; a GUIDANCE_NEGATIVES name instead
     sample_steps: int = 25  # shipped DDIM steps
@@ -86,6 +88,16 @@ LATENT_RECIPE = DitRecipe(model="DiT-Tiny/2", model_size=16, autoencoder="shapes
                           guidance_negatives="other-shapes")
 # Per class, the classes a model's guidance steers away from (written into its header, read by DiTGenerator).
 GUIDANCE_NEGATIVES = {"other-shapes": synthetic.same_colour_other_shapes}
+
+
+TRAINING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def training_dtype(recipe: DitRecipe) -> torch.dtype:
+    """The autocast dtype of the recipe's forward and loss; a one-line error for an unknown `precision`."""
+    if recipe.precision not in TRAINING_DTYPES:
+        raise InputError(f"DiT recipe: precision {recipe.precision!r} is not one of {sorted(TRAINING_DTYPES)}")
+    return TRAINING_DTYPES[recipe.precision]
 
 
 def quick_recipe(recipe: DitRecipe) -> DitRecipe:
@@ -148,9 +160,12 @@ def steps_per_second(recipe: DitRecipe, device: torch.device | str, timed: int =
     x = torch.randn(recipe.batch_size, recipe.in_channels, recipe.model_size, recipe.model_size, device=device)
     y = torch.randint(0, model.config.num_classes, (recipe.batch_size,), device=device)
 
+    dtype = training_dtype(recipe)
+
     def step() -> None:
-        loss = diffusion.training_loss(model, x, y, min_snr_gamma=recipe.min_snr_gamma,
-                                       outline_weight=recipe.outline_weight)
+        with autocast(device, dtype):
+            loss = diffusion.training_loss(model, x, y, min_snr_gamma=recipe.min_snr_gamma,
+                                           outline_weight=recipe.outline_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -177,6 +192,7 @@ def train_dit(recipe: DitRecipe, log_every: int | None = None, device: torch.dev
     existing `checkpoint` of the same recipe resumes from it and ends exactly as an uninterrupted run would.
     """
     device = torch.device(device)
+    dtype = training_dtype(recipe)
     log_every = log_every or max(100, recipe.steps // 36)
     data, labels = data or training_set(recipe, device)
     print(f"{dit_name(recipe)}: {len(labels)} training {'latents' if recipe.autoencoder else 'images'} of shape "
@@ -201,8 +217,9 @@ def train_dit(recipe: DitRecipe, log_every: int | None = None, device: torch.dev
         if recipe.hflip and recipe.autoencoder is None:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        loss = diffusion.training_loss(model, x.to(device), labels[idx].to(device), generator=gen,
-                                       min_snr_gamma=recipe.min_snr_gamma, outline_weight=recipe.outline_weight)
+        with autocast(device, dtype):
+            loss = diffusion.training_loss(model, x.to(device), labels[idx].to(device), generator=gen,
+                                           min_snr_gamma=recipe.min_snr_gamma, outline_weight=recipe.outline_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
