@@ -3,7 +3,7 @@ snapshots along the way, then judge each snapshot as issue 24 asks (docs/dit.md)
 
     python bench/latent_dit_curve.py train --out DIR [--models-dir configs/models] [--every 250]
         [--stop-after-s S] [--threads 1] [--overrides JSON]
-    python bench/latent_dit_curve.py judge --out DIR [--per-class 20] [--seed 3003]
+    python bench/latent_dit_curve.py judge --out DIR [--per-class 20] [--seed 3003] [--dtype fp32]
 
 train: the recipe is `demo_dit.demo_recipe(--models-dir, cpu, latent=True)` (with `--overrides`), its training
 state kept where `train-demo-models MODELS_DIR --latent-dit` keeps it, so either resumes the other's run (same
@@ -34,7 +34,7 @@ from shardlight.models.sampler import DiTGenerator
 from shardlight.models.weights import read_weights_metadata
 from shardlight.training.demo_dit import demo_recipe, state_file
 from shardlight.training.dit_eval import agreement_by_setting
-from shardlight.training.train_dit import save_dit, train_dit, training_set
+from shardlight.training.train_dit import TRAINING_DTYPES, save_dit, train_dit, training_set
 
 
 class Stop(Exception):
@@ -74,12 +74,13 @@ def judge(args: argparse.Namespace) -> None:
         if step in done:
             continue
         start = time.monotonic()
-        gen = DiTGenerator(str(path))
+        gen = DiTGenerator(str(path), dtype=TRAINING_DTYPES[args.dtype])
         setting = (gen.default_guidance, gen.default_steps)
         right, shape = agreement_by_setting(gen, [setting], args.per_class, args.seed).popitem()[1]
         row = {"step": step, "images_seen": step * recipe["batch_size"], "loss": log[-1]["loss"] if log else None,
                "train_minutes": log[-1]["minutes"] if log else 0.0, "recognised": right, "right_shape": shape,
                "per_class": args.per_class, "seed": args.seed, "guidance": setting[0], "sample_steps": setting[1],
+               "dtype": args.dtype,
                "judge_seconds": round(time.monotonic() - start)}
         print(json.dumps(row), flush=True)
         with curve.open("a") as f:
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=3003)
+    parser.add_argument("--dtype", choices=sorted(TRAINING_DTYPES), default="fp32",
+                        help="judge: the denoiser's autocast dtype (bf16: large models on CPUs with AMX)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine(), f"{args.threads} torch thread(s)", flush=True)
