@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from bench.common import machine
+from shardlight.models.device import pick_dtype
 from shardlight.models.sampler import DiTGenerator
 from shardlight.models.weights import read_weights_metadata
 from shardlight.training.demo_dit import demo_recipe, state_file
 from shardlight.training.dit_eval import agreement_by_setting
-from shardlight.training.train_dit import TRAINING_DTYPES, save_dit, train_dit, training_set
+from shardlight.training.train_dit import TRAINING_PRECISIONS, save_dit, train_dit, training_set
 
 
 class Stop(Exception):
@@ -74,7 +75,7 @@ def judge(args: argparse.Namespace) -> None:
         if step in done:
             continue
         start = time.monotonic()
-        gen = DiTGenerator(str(path), dtype=TRAINING_DTYPES[args.dtype])
+        gen = DiTGenerator(str(path), dtype=pick_dtype(torch.device("cpu"), args.dtype))
         setting = (gen.default_guidance, gen.default_steps)
         right, shape = agreement_by_setting(gen, [setting], args.per_class, args.seed).popitem()[1]
         row = {"step": step, "images_seen": step * recipe["batch_size"], "loss": log[-1]["loss"] if log else None,
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=3003)
-    parser.add_argument("--dtype", choices=sorted(TRAINING_DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=TRAINING_PRECISIONS, default="fp32",
                         help="judge: the denoiser's autocast dtype (bf16: large models on CPUs with AMX)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

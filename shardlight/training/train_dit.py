@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from shardlight.core.errors import InputError
 from shardlight.models.autoencoder import autoencoder_file, load_autoencoder
-from shardlight.models.device import autocast
+from shardlight.models.device import autocast, pick_dtype
 from shardlight.models.diffusion import Diffusion
 from shardlight.models.dit import build_dit
 from shardlight.models.sampler import PixelCodec
@@ -90,14 +90,14 @@ LATENT_RECIPE = DitRecipe(model="DiT-Tiny/2", model_size=16, autoencoder="shapes
 GUIDANCE_NEGATIVES = {"other-shapes": synthetic.same_colour_other_shapes}
 
 
-TRAINING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRAINING_PRECISIONS = ("bf16", "fp32")  # explicit only: a recipe's numbers must not depend on the machine ("auto")
 
 
-def training_dtype(recipe: DitRecipe) -> torch.dtype:
+def training_dtype(recipe: DitRecipe, device: torch.device) -> torch.dtype:
     """The autocast dtype of the recipe's forward and loss; a one-line error for an unknown `precision`."""
-    if recipe.precision not in TRAINING_DTYPES:
-        raise InputError(f"DiT recipe: precision {recipe.precision!r} is not one of {sorted(TRAINING_DTYPES)}")
-    return TRAINING_DTYPES[recipe.precision]
+    if recipe.precision not in TRAINING_PRECISIONS:
+        raise InputError(f"DiT recipe: precision {recipe.precision!r} is not one of {list(TRAINING_PRECISIONS)}")
+    return pick_dtype(device, recipe.precision)
 
 
 def quick_recipe(recipe: DitRecipe) -> DitRecipe:
@@ -154,13 +154,12 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 def steps_per_second(recipe: DitRecipe, device: torch.device | str, timed: int = 100) -> float:
     """The recipe's training-step rate on random batches of its shape (model, loss, optimizer)."""
     device = torch.device(device)
+    dtype = training_dtype(recipe, device)
     model = build_demo_model(recipe).to(device)
     diffusion = Diffusion(recipe.schedule, recipe.diffusion_steps, recipe.prediction)
     opt = make_optimizer(model, recipe, device)
     x = torch.randn(recipe.batch_size, recipe.in_channels, recipe.model_size, recipe.model_size, device=device)
     y = torch.randint(0, model.config.num_classes, (recipe.batch_size,), device=device)
-
-    dtype = training_dtype(recipe)
 
     def step() -> None:
         with autocast(device, dtype):
@@ -192,7 +191,7 @@ def train_dit(recipe: DitRecipe, log_every: int | None = None, device: torch.dev
     existing `checkpoint` of the same recipe resumes from it and ends exactly as an uninterrupted run would.
     """
     device = torch.device(device)
-    dtype = training_dtype(recipe)
+    dtype = training_dtype(recipe, device)
     log_every = log_every or max(100, recipe.steps // 36)
     data, labels = data or training_set(recipe, device)
     print(f"{dit_name(recipe)}: {len(labels)} training {'latents' if recipe.autoencoder else 'images'} of shape "
