@@ -255,6 +255,79 @@ def test_guidance_one_equals_a_conditional_only_sampler():
     assert torch.allclose(guided, x, atol=1e-4)
 
 
+# Self-conditioning ---------------------------------------------------------------------------------
+
+def record_calls(model: DiT) -> list[dict]:
+    """Each forward of `model` from now on, as a dict: its inputs, output, training mode and grad mode."""
+    calls, forward = [], model.forward
+
+    def spy(x, t, y, x0=None):
+        out = forward(x, t, y, x0)
+        calls.append(dict(x=x, t=t, x0=x0, out=out.detach(), training=model.training, grad=torch.is_grad_enabled()))
+        return out
+
+    model.forward = spy
+    return calls
+
+
+def test_a_self_conditioned_dit_reads_its_estimate_and_others_refuse_one():
+    model = randomize_zero_init(tiny(self_condition=True))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.full((2,), 300), torch.tensor([1, 4])
+    assert model.patchify.proj.in_channels == 6  # x_t and the estimate, stacked
+    assert torch.equal(model(x, t, y), model(x, t, y, torch.zeros_like(x)))  # no estimate yet = zeros
+    assert not torch.allclose(model(x, t, y), model(x, t, y, torch.randn_like(x)), atol=1e-4)
+    with pytest.raises(ValueError, match="not self-conditioned"):
+        randomize_zero_init(tiny())(x, t, y, torch.randn_like(x))
+
+
+def test_self_conditioned_training_feeds_back_its_own_estimate_in_half_the_batches():
+    model, diffusion = randomize_zero_init(tiny(self_condition=True)).train(), Diffusion("cosine", prediction="v")
+    calls = record_calls(model)
+    x0, y = torch.rand(4, 3, 8, 8) * 2 - 1, torch.arange(4)
+    fed_back = 0
+    for seed in range(16):
+        calls.clear()
+        diffusion.training_loss(model, x0, y, torch.Generator().manual_seed(seed)).backward()
+        if len(calls) == 1:
+            assert calls[0]["x0"] is None and calls[0]["training"] and calls[0]["grad"]
+            continue
+        first, second = calls
+        fed_back += 1
+        # the estimate: no gradient, no label dropout (the sampler hands every pass the class-aware estimate)
+        assert first["x0"] is None and not first["training"] and not first["grad"]
+        assert second["training"] and second["grad"] and torch.equal(first["x"], second["x"])
+        ab = diffusion.alpha_bar[first["t"]].float().view(-1, 1, 1, 1)
+        assert torch.allclose(second["x0"], ab.sqrt() * first["x"] - (1 - ab).sqrt() * first["out"], atol=1e-5)
+    assert 3 <= fed_back <= 13  # a fair coin per batch: P(outside) < 0.03
+    plain = tiny().train()  # a model that is not self-conditioned takes the draws it always took: one pass
+    plain_calls = record_calls(plain)
+    diffusion.training_loss(plain, x0, y, torch.Generator().manual_seed(0))
+    assert len(plain_calls) == 1 and plain_calls[0]["x0"] is None
+
+
+def test_self_conditioned_ddim_hands_each_step_the_last_x0_estimate():
+    model, diffusion = randomize_zero_init(tiny(self_condition=True)), Diffusion("cosine", prediction="v")
+    noise, y = seeded_noise([5, 6], (3, 8, 8)), torch.tensor([2, 3])
+    sampled = diffusion.sample(model, noise.clone(), y, steps=4, guidance=1.0)
+
+    def written_out(feed_back: bool) -> torch.Tensor:  # the DDIM update with the estimate handed on (or not)
+        x, estimate, steps = noise.clone(), torch.zeros_like(noise), diffusion.timesteps(4)
+        for i, t in enumerate(steps):
+            v = model(x, torch.full((2,), t), y, estimate)
+            ab = diffusion.alpha_bar[t].item()
+            ab_prev = diffusion.alpha_bar[steps[i + 1]].item() if i + 1 < len(steps) else 1.0
+            eps = (1 - ab) ** 0.5 * x + ab ** 0.5 * v
+            x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5
+            x = ab_prev ** 0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
+            estimate = x0 if feed_back else estimate
+        return x
+
+    with torch.no_grad():
+        assert torch.allclose(sampled, written_out(True), atol=1e-4)
+        assert not torch.allclose(sampled, written_out(False), atol=1e-3)  # the estimate is really used
+    assert torch.equal(sampled, diffusion.sample(model, noise.clone(), y, steps=4, guidance=1.0))  # deterministic
+
+
 def test_vary_keeps_the_source_at_low_strength():
     model, diffusion = randomize_zero_init(tiny()), Diffusion("cosine")
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
