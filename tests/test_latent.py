@@ -47,20 +47,18 @@ def tiny_autoencoder(seed: int = 0) -> Autoencoder:
     return Autoencoder(TINY_AE).eval()
 
 
-def write_latent_pair(folder: Path, ae_name: str = "tiny-ae", seed: int = 0,
-                      self_condition: bool = False) -> tuple[Path, Path]:
+def write_latent_pair(folder: Path, ae_name: str = "tiny-ae", seed: int = 0) -> tuple[Path, Path]:
     """A tiny autoencoder file and a latent DiT file that names it (random weights, gates opened)."""
     folder.mkdir(parents=True, exist_ok=True)
     ae_path = folder / f"{ae_name}.safetensors"
     save_autoencoder(tiny_autoencoder(seed), ae_path, AeRecipe(), [], 0.0)
     torch.manual_seed(seed)
-    dit = build_dit("DiT-Tiny/2", input_size=8, in_channels=4, num_classes=len(CLASS_NAMES), learn_sigma=False,
-                    self_condition=self_condition)
+    dit = build_dit("DiT-Tiny/2", input_size=8, in_channels=4, num_classes=len(CLASS_NAMES), learn_sigma=False)
     with torch.no_grad():  # adaLN-Zero starts as the identity; random gates make outputs depend on t and y
         for layer in [b.modulation for b in dit.blocks] + [dit.final.modulation, dit.final.linear]:
             layer.weight.normal_(0, 0.05)
     recipe = replace(LATENT_RECIPE, model="DiT-Tiny/2", model_size=8, image_size=16, autoencoder=str(ae_path),
-                     sample_steps=4, self_condition=self_condition)
+                     sample_steps=4)
     dit_path = folder / "latent-dit.safetensors"
     save_dit(dit, dit_path, recipe, [], 0.0)
     return ae_path, dit_path
@@ -172,12 +170,10 @@ def test_a_bf16_recipe_trains_in_mixed_precision_and_a_wrong_precision_is_refuse
 
 # The latent codec in the sampler -------------------------------------------------------------------
 
-@pytest.mark.parametrize("self_condition", [False, True])
-def test_latent_dit_generates_and_varies_through_its_autoencoder(tmp_path, self_condition):
-    _, dit_path = write_latent_pair(tmp_path, self_condition=self_condition)
+def test_latent_dit_generates_and_varies_through_its_autoencoder(tmp_path):
+    _, dit_path = write_latent_pair(tmp_path)
     gen = DiTGenerator(str(dit_path))
     assert isinstance(gen.codec, AutoencoderCodec) and gen.latent and gen.shape == (4, 8, 8)
-    assert gen.model.config.self_condition is self_condition  # the header's config rebuilds the model
     made = gen.generate([0, 5], seeds=[1, 2], steps=3)
     varied = gen.vary(images(2), [3, 4], seeds=[1, 2], strength=0.5, steps=4)
     assert [im.size for im in made + varied] == [(16, 16)] * 4
@@ -196,9 +192,9 @@ def test_the_latent_recipe_guides_away_from_the_same_colours_other_shapes(tmp_pa
     seen = []
     predict = gen.diffusion.predict_noise
 
-    def spy(model, x, t, y, guidance, negatives=None, estimate=None):
+    def spy(model, x, t, y, guidance, negatives=None):
         seen.append(negatives)
-        return predict(model, x, t, y, guidance, negatives, estimate)
+        return predict(model, x, t, y, guidance, negatives)
 
     monkeypatch.setattr(gen.diffusion, "predict_noise", spy)
     guided = gen.generate([red_square, 0], seeds=[1, 2])

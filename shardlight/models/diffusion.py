@@ -8,9 +8,6 @@ classes to steer away from instead (`negatives`): ε = ε̄_neg + s · (ε_y - �
 `vary` is SDEdit (Meng et al. 2022): noise a clean image to a strength, then denoise it under a label.
 The loss may weigh each position by how much x_0 changes around it (`outline_weight`): the outlines, where a
 denoiser of shapes goes wrong, count more than flat regions; the weights average 1 per image.
-A self-conditioned model (`DiTConfig.self_condition`) is handed the sampler's previous x_0 estimate at each step
-(zeros at the first); in training, half the batches first estimate x_0 without gradient and feed it back, as
-Chen et al. 2022 do, so the model learns both to start and to refine. Other models take exactly the draws they did.
 """
 
 from __future__ import annotations
@@ -72,12 +69,8 @@ class Diffusion:
         # Drawn on the CPU generator and moved: the same draws whichever device trains.
         t = torch.randint(0, self.num_steps, (x0.shape[0],), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, dtype=x0.dtype, generator=generator).to(x0.device)
-        x_t, ab = self.add_noise(x0, t, noise), self._ab(t, x0)
-        estimate = None
-        if self_conditioned(model) and torch.rand((), generator=generator) < 0.5:
-            estimate = self._first_estimate(model, x_t, t, y, ab)
-        pred = model(x_t, t, y, estimate) if estimate is not None else model(x_t, t, y)
-        pred = pred[:, : x0.shape[1]]  # the ε half when Σ is learned
+        pred = model(self.add_noise(x0, t, noise), t, y)[:, : x0.shape[1]]  # the ε half when Σ is learned
+        ab = self._ab(t, x0)
         target = noise if self.prediction == "eps" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
         error = (pred.float() - target) ** 2
         if outline_weight:
@@ -93,19 +86,6 @@ class Diffusion:
             weight = snr.clamp(max=min_snr_gamma) / (snr + 1)
         return (weight * per_sample).mean()
 
-    @torch.no_grad()
-    def _first_estimate(self, model, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                        ab: torch.Tensor) -> torch.Tensor:
-        """A self-conditioned model's x_0 estimate from no estimate, as the training input of its second pass. Label
-        dropout is off for it: the sampler feeds every pass (the null class's too) the guided, class-aware estimate."""
-        was_training = model.training
-        model.eval()
-        out = model(x_t, t, y)[:, : x_t.shape[1]].float()
-        model.train(was_training)
-        if self.prediction == "v":  # x_0 = √ᾱ x_t − √(1-ᾱ) v, without ε's division by √ᾱ ≈ 0 at t near T
-            return (ab.sqrt() * x_t - (1 - ab).sqrt() * out).to(x_t.dtype)
-        return ((x_t - (1 - ab).sqrt() * out) / ab.sqrt()).to(x_t.dtype)
-
     def to_eps(self, out: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
         """The network's output as ε."""
         if self.prediction == "eps":
@@ -120,25 +100,19 @@ class Diffusion:
         return sorted({round(start * i / max(steps - 1, 1)) for i in range(steps)}, reverse=True)
 
     def predict_noise(self, model, x: torch.Tensor, t: int, y: torch.Tensor, guidance: float,
-                      negatives: torch.Tensor | None = None, estimate: torch.Tensor | None = None) -> torch.Tensor:
+                      negatives: torch.Tensor | None = None) -> torch.Tensor:
         """ε for a batch at timestep t; guidance ≠ 1 steers from a base prediction to the conditional one, in one
         batched call: the null class's prediction (classifier-free guidance), or with `negatives` ((N, k) class
-        ids) the mean of the conditional predictions for those classes (guidance away from them).
-        `estimate`: a self-conditioned model's previous x_0 estimate, handed to every pass."""
+        ids) the mean of the conditional predictions for those classes (guidance away from them)."""
         channels = x.shape[1]
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-
-        def run(x_in: torch.Tensor, t_in: torch.Tensor, y_in: torch.Tensor, passes: int) -> torch.Tensor:
-            extra = () if estimate is None else (torch.cat([estimate] * passes),)
-            return model(x_in, t_in, y_in, *extra)[:, :channels].float()
-
         if guidance == 1.0:
-            return self.to_eps(run(x, tt, y, 1), x, t)
+            return self.to_eps(model(x, tt, y)[:, :channels].float(), x, t)
         if negatives is None:
             negatives = torch.full_like(y, model.label_embed.null_class)[:, None]
         passes = 1 + negatives.shape[1]
         labels = torch.cat([y, *negatives.T])
-        out = run(torch.cat([x] * passes), torch.cat([tt] * passes), labels, passes)
+        out = model(torch.cat([x] * passes), torch.cat([tt] * passes), labels)[:, :channels].float()
         cond, *bases = out.chunk(passes)  # guidance on v equals guidance on ε: ε is affine in v for fixed x_t
         base = bases[0] if len(bases) == 1 else torch.stack(bases).mean(0)
         return self.to_eps(base + guidance * (cond - base), x, t)
@@ -151,16 +125,13 @@ class Diffusion:
         `clip` clamps each x_0 estimate to [-1, 1] (pixel-space models); `negatives`: see `predict_noise`.
         """
         schedule = self.timesteps(steps, start)
-        estimate = torch.zeros_like(x) if self_conditioned(model) else None
         for i, t in enumerate(schedule):
-            eps = self.predict_noise(model, x, t, y, guidance, negatives, estimate=estimate)
+            eps = self.predict_noise(model, x, t, y, guidance, negatives)
             ab = float(self.alpha_bar[t])
             x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
             if clip:
                 x0 = x0.clamp(-1, 1)
                 eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
-            if estimate is not None:
-                estimate = x0
             ab_prev = float(self.alpha_bar[schedule[i + 1]]) if i + 1 < len(schedule) else 1.0
             x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps
         return x
@@ -185,11 +156,6 @@ class Diffusion:
         x = self.add_noise(x0, t, noise)
         return self.ddim(model, x, y, max(1, round(steps * strength)), guidance, start=start, clip=clip,
                          negatives=negatives)
-
-
-def self_conditioned(model) -> bool:
-    """Whether `model` reads its previous x_0 estimate (a DiT built with `self_condition`)."""
-    return bool(getattr(getattr(model, "config", None), "self_condition", False))
 
 
 def outline_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:

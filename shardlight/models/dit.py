@@ -4,9 +4,6 @@ The model follows the paper's Figure 3: an image (pixels or VAE latents) is cut 
 token with a fixed 2-D sin-cos position; the timestep t and class label y are embedded and summed into
 one conditioning vector c; N DiT blocks with adaLN-Zero process the tokens; a final adaptive LayerNorm
 and a linear layer predict, per patch, the noise (and optionally Σ), which is rearranged back to an image.
-A self-conditioned model (Chen et al. 2022, "Analog Bits") also reads its own previous estimate of the clean
-image, stacked on the input's channels (zeros when there is none), so a small model refines its last answer
-across sampling steps instead of starting each step from scratch.
 
 Sizes are small factory functions gathered in `DIT_MODELS` (paper Table 1: S/B/L/XL with patch 2/4/8,
 plus a tiny size for the CPU demo).
@@ -37,7 +34,6 @@ class DiTConfig:
     num_classes: int = 1000  # an extra "null" class (id = num_classes) serves classifier-free guidance
     class_dropout: float = 0.1  # probability a training label is replaced by the null class
     learn_sigma: bool = True  # also predict the diagonal covariance Σ (doubles output channels)
-    self_condition: bool = False  # also read the previous x0 estimate (doubles the patch embedding's input)
 
     @property
     def out_channels(self) -> int:
@@ -190,8 +186,7 @@ class DiT(nn.Module):
             raise ValueError(f"input {cfg.input_size} must divide by patch {cfg.patch_size}, "
                              f"width {cfg.hidden_size} by heads {cfg.num_heads}")
         self.grid = cfg.input_size // cfg.patch_size
-        reads = cfg.in_channels * (2 if cfg.self_condition else 1)
-        self.patchify = PatchEmbed(cfg.patch_size, reads, cfg.hidden_size)
+        self.patchify = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
         # Fixed (not learned), but kept in the state dict as the published checkpoints do.
         pos = sincos_2d(cfg.hidden_size, self.grid)[None]
         self.register_buffer("pos_embed", torch.as_tensor(pos, device=self.patchify.proj.weight.device))
@@ -224,13 +219,7 @@ class DiT(nn.Module):
         x = tokens.reshape(n, g, g, p, p, c)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                x0: torch.Tensor | None = None) -> torch.Tensor:
-        """x0: a self-conditioned model's previous estimate of the clean input (None: zeros, "no estimate yet")."""
-        if self.config.self_condition:
-            x = torch.cat([x, torch.zeros_like(x) if x0 is None else x0.to(x.dtype)], dim=1)
-        elif x0 is not None:
-            raise ValueError("this DiT is not self-conditioned: it takes no x0 estimate")
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tokens = self.patchify(x) + self.pos_embed
         c = self.time_embed(t) + self.label_embed(y)
         for block in self.blocks:

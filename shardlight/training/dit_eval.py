@@ -219,12 +219,6 @@ def _output_text(recipe: dict, meta: dict) -> str:
     return f"outputs are bicubic-upsampled to {size}x{size}"
 
 
-def _self_condition_text(recipe: dict) -> str:
-    if not recipe.get("self_condition"):
-        return ""
-    return ", self-conditioned (each sampling step also reads the previous step's x₀ estimate)"
-
-
 def _negatives_text(recipe: dict) -> str:
     if not recipe.get("guidance_negatives"):
         return " from the null class"
@@ -244,8 +238,7 @@ def write_dit_card(path: Path, weights: Path, metrics: dict) -> None:
         f"# {path.stem}: a tiny class-conditional DiT for the synthetic shapes demo", "",
         f"A {'latent' if latent else 'pixel'}-space Diffusion Transformer (`shardlight/models/dit.py`, "
         f"{recipe['model']}: depth, width and heads in `DIT_MODELS`; {_input_text(recipe, meta)}, patch {patch} → "
-        f"{tokens} tokens) with adaLN-Zero blocks{_self_condition_text(recipe)}, trained to denoise "
-        f"({recipe['prediction']}-prediction: the network "
+        f"{tokens} tokens) with adaLN-Zero blocks, trained to denoise ({recipe['prediction']}-prediction: the network "
         "outputs v = √ᾱ ε − √(1−ᾱ) x₀ and the sampler recovers ε exactly; "
         f"{recipe['schedule']} β schedule, T={recipe['diffusion_steps']}) with 10% label dropout for "
         f"classifier-free guidance. Sampling: deterministic DDIM, {recipe['sample_steps']} steps, guidance "

@@ -66,7 +66,6 @@ class DitRecipe:
     ema_decay: float = 0.995  # EMA of the weights; the EMA copy is what ships
     min_snr_gamma: float | None = None  # Min-SNR-γ loss weighting (Hang et al. 2023); None: plain MSE
     outline_weight: float = 0.0  # λ: the loss weighs positions where x0 changes up to (1 + λ·e/ē) (diffusion.py)
-    self_condition: bool = False  # the model reads its previous x0 estimate (Chen et al. 2022; diffusion.py)
     hflip: bool = True  # random horizontal flips (shape classes are mirror-invariant)
     threads: int = 2  # torch CPU threads
     precision: str = "fp32"  # "bf16": forward and loss under bf16 autocast; weights, optimizer and EMA stay fp32
@@ -134,8 +133,7 @@ def training_set(recipe: DitRecipe, device: torch.device | str = "cpu") -> tuple
 def build_demo_model(recipe: DitRecipe) -> torch.nn.Module:
     torch.manual_seed(recipe.init_seed)
     return build_dit(recipe.model, input_size=recipe.model_size, in_channels=recipe.in_channels, learn_sigma=False,
-                     num_classes=len(synthetic.CLASS_NAMES), class_dropout=recipe.class_dropout,
-                     self_condition=recipe.self_condition)
+                     num_classes=len(synthetic.CLASS_NAMES), class_dropout=recipe.class_dropout)
 
 
 def make_optimizer(model: torch.nn.Module, recipe: DitRecipe, device: torch.device) -> torch.optim.AdamW:
